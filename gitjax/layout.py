@@ -6,6 +6,12 @@ keys alphabetically ("conv10" before "conv2"), so the layout walks the Flax
 parameter dict in insertion order instead, which is the order in which the
 modules were created in the forward pass.
 
+Insertion order is lost by every JAX transformation (``tree_map``, ``jit``,
+``grad`` rebuild dicts with sorted keys), so ``Victim.init`` records the
+creation order of each parameter structure it builds with
+``register_forward_order``; ``from_params`` uses that record whenever the
+structure (paths and shapes) matches, and insertion order otherwise.
+
 A block is one Flax module that owns arrays directly (a Dense, Conv, norm layer),
 or one loose array owned by a parent module (ViT's ``pos_embed``/``cls``).
 
@@ -81,6 +87,52 @@ def _kind(leaves: Mapping[str, tuple[int, ...]]) -> str:
     return "embed"
 
 
+# Structure signature -> leaf paths in creation (forward) order; filled by Victim.init.
+_FORWARD_ORDERS: dict[tuple, tuple[tuple[str, ...], ...]] = {}
+
+
+def _leaf_paths(node: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """(path, shape) of every array in a nested mapping, in insertion order."""
+    out = []
+    for k, v in node.items():
+        if _is_array(v):
+            out.append((path + (k,), tuple(v.shape)))
+        elif isinstance(v, Mapping):
+            out.extend(_leaf_paths(v, path + (k,)))
+    return out
+
+
+def _signature(params: Params) -> tuple:
+    return tuple(sorted(_leaf_paths(params)))
+
+
+def register_forward_order(params: Params) -> None:
+    """Records the insertion order of a freshly initialised (creation-ordered) parameter dict.
+
+    Called by ``Victim.init``; later ``from_params`` calls on the same structure,
+    e.g. on params that went through ``tree_map`` or ``jit`` and so have sorted
+    keys, recover the forward order from this record.
+    """
+    _FORWARD_ORDERS[_signature(params)] = tuple(p for p, _ in _leaf_paths(params))
+
+
+def _in_forward_order(params: Params) -> Params:
+    """Rebuilds ``params`` with dict keys in the recorded forward order (unchanged if none)."""
+    if not isinstance(params, Mapping):
+        return params
+    order = _FORWARD_ORDERS.get(_signature(params))
+    if order is None:
+        return params
+    tree: dict[str, Any] = {}
+    for path in order:
+        node, src = tree, params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+            src = src[k]
+        node[path[-1]] = src[path[-1]]
+    return tree
+
+
 @dataclasses.dataclass(frozen=True)
 class GradientLayout:
     """The ordered layer blocks of a victim's parameter pytree (forward order)."""
@@ -89,7 +141,12 @@ class GradientLayout:
 
     @classmethod
     def from_params(cls, params: Params) -> "GradientLayout":
-        """Builds the layout from a parameter (or abstract ``ShapeDtypeStruct``) pytree."""
+        """Builds the layout from a parameter (or abstract ``ShapeDtypeStruct``) pytree.
+
+        Forward order comes from ``register_forward_order`` (done by ``Victim.init``)
+        when the structure is known, else from the dicts' insertion order.
+        """
+        params = _in_forward_order(params)
         blocks: list[LayerBlock] = []
         offset = 0
 
