@@ -1,0 +1,1 @@
+"""The robustness study's experiment grids (``configs.py``) and its thin runner (``run.py``)."""

@@ -1,0 +1,244 @@
+"""The robustness experiments of GIT (Chen & Liu 2025, arXiv 2505.20026, Sec. "robustness"), as run grids.
+
+Run one with::
+
+    python -m experiments.run noise --scale small            # or: gitjax experiment noise --scale small
+    python -m experiments.run noise --scale small --only victim=lenet
+    python -m experiments.run list
+
+Every experiment crosses victims x settings x methods. Methods: ``lti`` (Learning
+to Invert, Wu et al. 2023), ``coarse`` / ``exact`` (GIT), ``ig`` (Inverting
+Gradients, Geiping et al. 2020) and ``git+ig`` (IG started at Coarse-GIT's
+output). Where the trainer can, a ``coarse (matched prior)`` column adds a prior
+trained under the same defence as the attack.
+
+Scales (see ``SCALES``):
+  * ``small``: embedded offline data (prior on ``patches``), 32x32, CPU budgets
+    (priors 400 steps x 32 gradients, IG 200 steps, 8 test images; Exact-GIT on the MLP only);
+  * ``full``: TFDS data (prior on CIFAR-10), the paper's budgets (priors 20k steps x
+    64 gradients over the 50k CIFAR-10 train images, IG 24k steps as in Geiping
+    et al.'s ImageNet setting, 64 test images); meant for a GPU.
+``smoke=True`` shrinks any grid to 2 victims, 2 settings, 20 prior steps, 5 IG
+steps and 2 images (what ``tests/test_study.py`` runs).
+
+Measured (small scale, LeNet only: ``--only victim=lenet``; a 2-core machine shared with
+other jobs, so wall times are ~2x a dedicated one; CPU time in brackets):
+  * noise: 19 runs, 5 priors, 13.6 min (5.7 CPU-min). PSNR dB at std 0 / 1e-3 / 1e-2 / 1e-1:
+    Coarse-GIT 17.3 / 16.2 / 11.3 / 9.9, IG 22.0 / 21.7 / 16.3 / 8.6, GIT+IG 27.2 / 25.6 / 17.5 / 8.6,
+    matched Coarse-GIT - / 16.9 / 15.2 / 9.7, LTI 9.7 throughout (the mean image).
+  * prune: 19 runs, 3 new priors, 20 min (5.6 CPU-min). At ratio 0 / 0.5 / 0.9 / 0.99:
+    Coarse-GIT 17.3 / 17.1 / 16.5 / 9.5, matched 17.3 / 16.9 / 17.2 (0.5-0.99), IG 22.0 / 11.5 / 9.8 / 6.1.
+  The MLP's priors train ~3x slower than LeNet's (an 800k-entry first-layer gradient);
+  all four victims should take ~25-40 min per experiment on a dedicated 2-core machine (estimated from
+  the CPU times above, not measured).
+
+Decisions the paper leaves open (PAPER.md sec. 8 says its grids were not found):
+  * Gaussian noise std is ABSOLUTE (added to every gradient entry), as in DLG
+    (Zhu et al. 2019) and the GIT paper's "std 0.1"; each row's JSON records the
+    clean gradient RMS and the noise-to-signal ratio so it can be read relatively.
+  * Defence experiments use B = 1 (the paper's main setting); ``batch`` sweeps B and
+    ``fedavg`` uses B = 4.
+  * Distribution shift attacks test images of another dataset with the prior and
+    victim of the training dataset; their labels are taken modulo the victim's classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from gitjax.study import Budget, Defense, Experiment, PlotSpec, Run
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """What ``--scale`` selects: victims, datasets and the compute budget."""
+
+    victims: tuple[str, ...]
+    exact_victims: tuple[str, ...]
+    train_dataset: str
+    shift_targets: tuple[str, ...]
+    budget: Budget
+
+
+SCALES: dict[str, Scale] = {
+    "small": Scale(
+        victims=("mlp", "lenet", "resnet8", "vit"),
+        exact_victims=("mlp",),
+        train_dataset="patches",
+        shift_targets=("patches", "textures", "faces", "digits"),
+        budget=Budget(image_size=32, prior_steps=400, prior_batch=32, prior_lr=1e-3, prior_warmup=50,
+                      prior_eval=32, attack_steps=200, num_images=8, local_data=256),
+    ),
+    "full": Scale(
+        victims=("mlp", "lenet", "resnet18", "vit"),
+        exact_victims=("mlp", "lenet"),
+        train_dataset="cifar10",
+        shift_targets=("cifar10", "cifar100", "imagenet", "celeb_a"),
+        budget=Budget(image_size=32, prior_steps=20_000, prior_batch=64, prior_lr=1e-3, prior_warmup=500,
+                      prior_eval=256, attack_steps=24_000, num_images=64, attack_chunk=16, local_data=10_000),
+    ),
+}
+
+SMOKE_BUDGET = Budget(image_size=32, prior_steps=20, prior_batch=8, prior_lr=3e-3, prior_warmup=2, prior_eval=8,
+                      generator_width=32, attack_steps=5, num_images=2, local_data=32)
+SMOKE_VICTIMS = 2
+
+# ResNets use GroupNorm: per-example gradients stay per-example (see gitjax/victims.py).
+VICTIM_KWARGS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "resnet8": (("norm", "group"),),
+    "resnet18": (("norm", "group"),),
+}
+METHODS = ("lti", "coarse", "exact", "ig", "git+ig")
+MATCHED_METHODS = ("coarse",)  # methods that also get a prior trained under the attack's defence
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One row of an experiment: Run field overrides, a label, a plot x and panel, and matched-prior variants."""
+
+    label: str
+    fields: tuple[tuple[str, Any], ...] = ()
+    x: float | None = None
+    panel: str = ""
+    matched: bool = False
+
+
+def _setting(label: str, x: float | None = None, panel: str = "", matched: bool = False, **fields: Any) -> Setting:
+    return Setting(label, tuple(fields.items()), x, panel, matched)
+
+
+def _thin(settings: Sequence[Setting], smoke: bool) -> list[Setting]:
+    """Smoke grids keep the first and the last setting of every panel."""
+    if not smoke:
+        return list(settings)
+    out: list[Setting] = []
+    for panel in dict.fromkeys(s.panel for s in settings):
+        group = [s for s in settings if s.panel == panel]
+        out += [group[0]] + ([group[-1]] if len(group) > 1 else [])
+    return out
+
+
+def methods_for(victim: str, scale: str) -> tuple[str, ...]:
+    """Exact-GIT only where it trains in the scale's budget: its unrolled conv pseudo-inverses
+    train at ~2 examples/s for LeNet on a CPU (the paper, too, ran it on a tiny model only)."""
+    return tuple(m for m in METHODS if m != "exact" or victim in SCALES[scale].exact_victims)
+
+
+def matrix(experiment: str, scale: str, smoke: bool, settings: Sequence[Setting]) -> list[Run]:
+    """victims x settings x methods (+ matched-prior variants) at one scale."""
+    sc = SCALES[scale]
+    budget = SMOKE_BUDGET if smoke else sc.budget
+    victims = sc.victims[:SMOKE_VICTIMS] if smoke else sc.victims
+    runs = []
+    for victim in victims:
+        for s in _thin(settings, smoke):
+            common = dict(experiment=experiment, victim=victim, victim_kwargs=VICTIM_KWARGS.get(victim, ()),
+                          train_dataset=sc.train_dataset, attack_dataset=sc.train_dataset, budget=budget,
+                          setting=s.label, x=s.x, panel=s.panel)
+            common.update(dict(s.fields))
+            methods = methods_for(victim, scale)
+            runs += [Run(method=m, **common) for m in methods]
+            if s.matched:
+                runs += [Run(method=m, prior_training="matched", **common) for m in MATCHED_METHODS if m in methods]
+    return runs
+
+
+# ----------------------------------------------------------------------------- the experiments
+
+
+def noise(scale: str, smoke: bool) -> list[Run]:
+    """Additive Gaussian gradient noise, absolute std in {0, 1e-3, 1e-2, 1e-1} (DLG's range; GIT claims MSE ~0.01 at 0.1)."""
+    stds = (0.0, 1e-3, 1e-2, 1e-1)
+    return matrix("noise", scale, smoke, [
+        _setting(f"std={s:g}", x=s, matched=s > 0, defense=Defense.of("gaussian", std=s) if s > 0 else Defense())
+        for s in stds])
+
+
+def prune(scale: str, smoke: bool) -> list[Run]:
+    """Top-k gradient pruning: the smallest-magnitude fraction {0, 0.5, 0.9, 0.99} of every layer's entries zeroed."""
+    ratios = (0.0, 0.5, 0.9, 0.99)
+    return matrix("prune", scale, smoke, [
+        _setting(f"prune={r:g}", x=r, matched=r > 0, defense=Defense.of("prune", ratio=r) if r > 0 else Defense())
+        for r in ratios])
+
+
+def dpsgd(scale: str, smoke: bool) -> list[Run]:
+    """DP-SGD (Abadi et al. 2016): per-example clipping to norm 1, Gaussian noise multiplier {0, 0.01, 0.1, 1}.
+
+    With B = 1 the per-entry noise std is the multiplier itself. No matched prior:
+    the trainer augments batch gradients, DP-SGD needs per-example ones.
+    """
+    sigmas = (0.0, 1e-2, 1e-1, 1.0)
+    return matrix("dpsgd", scale, smoke, [
+        _setting(f"C=1, sigma={s:g}", x=s, defense=Defense.of("dpsgd", clip_norm=1.0, noise_multiplier=s))
+        for s in sigmas])
+
+
+def compression(scale: str, smoke: bool) -> list[Run]:
+    """Gradient compression: none, 8-bit and 4-bit uniform quantisation, scaled signSGD."""
+    return matrix("compression", scale, smoke, [
+        _setting("none"),
+        _setting("quantize 8 bit", matched=True, defense=Defense.of("quantize", bits=8)),
+        _setting("quantize 4 bit", matched=True, defense=Defense.of("quantize", bits=4)),
+        _setting("sign", matched=True, defense=Defense.of("sign")),
+    ])
+
+
+def shift(scale: str, smoke: bool) -> list[Run]:
+    """Distribution shift: prior and victim from the training dataset, private images from another.
+
+    small: patches -> patches / textures / faces (LFW) / digits; full: CIFAR-10 ->
+    CIFAR-10 / CIFAR-100 / ImageNet (32x32) / CelebA.
+    """
+    sc = SCALES[scale]
+    return matrix("shift", scale, smoke, [
+        _setting(f"{sc.train_dataset} -> {t}", attack_dataset=t) for t in sc.shift_targets])
+
+
+def discrepancy(scale: str, smoke: bool) -> list[Run]:
+    """Parameter discrepancy: the client's params drift from the attacker's copy the prior was trained on.
+
+    Panel 'steps': the client trained K in {0, 10, 100} more SGD steps (lr 0.1) on its
+    own data; panel 'relative': params + noise of relative L2 size {0, 0.01, 0.1}
+    (with a matched prior trained under random discrepancy up to that size).
+    Every method attacks with the attacker's (stale) params.
+    """
+    steps = [_setting(f"steps K={k}", x=k, panel="steps", discrepancy="steps", discrepancy_amount=float(k))
+             for k in (0, 10, 100)]
+    rel = [_setting(f"relative {r:g}", x=r, panel="relative", matched=r > 0, discrepancy="relative",
+                    discrepancy_amount=r) for r in (0.0, 0.01, 0.1)]
+    return matrix("discrepancy", scale, smoke, steps + rel)
+
+
+def batch(scale: str, smoke: bool) -> list[Run]:
+    """Victim batch size B in {1, 4, 16}: one prior per B (N = max(1, images // B) leaked gradients)."""
+    return matrix("batch", scale, smoke, [_setting(f"B={b}", x=b, batch_size=b) for b in (1, 4, 16)])
+
+
+def fedavg(scale: str, smoke: bool) -> list[Run]:
+    """FedAvg: the client shares (params - params after K local full-batch SGD steps) / (K lr), K in {1, 2, 5}, B = 4.
+
+    K = 1 is FedSGD's batch gradient, what the priors are trained on.
+    """
+    return matrix("fedavg", scale, smoke, [
+        _setting(f"K={k}", x=k, batch_size=4, local_steps=k) for k in (1, 2, 5)])
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "noise": Experiment("noise", "additive Gaussian noise on the leaked gradient (absolute std)", noise,
+                        PlotSpec("noise_std", "Gaussian noise std (absolute)", logx=True, zero_at=1e-4)),
+    "prune": Experiment("prune", "top-k gradient pruning", prune,
+                        PlotSpec("prune_ratio", "pruned fraction of gradient entries")),
+    "dpsgd": Experiment("dpsgd", "DP-SGD clipping + noise", dpsgd,
+                        PlotSpec("noise_multiplier", "DP-SGD noise multiplier (clip norm 1)", logx=True, zero_at=1e-3)),
+    "compression": Experiment("compression", "quantised and sign-compressed gradients", compression),
+    "shift": Experiment("shift", "distribution shift between the prior's data and the private data", shift),
+    "discrepancy": Experiment("discrepancy", "victim params drifted from the prior's", discrepancy,
+                              PlotSpec("discrepancy", "discrepancy", panel_xlabels=(
+                                  ("steps", "client's extra SGD steps K"),
+                                  ("relative", "relative L2 size of the parameter noise")))),
+    "batch": Experiment("batch", "images per leaked gradient", batch,
+                        PlotSpec("batch_size", "victim batch size B", logx=True)),
+    "fedavg": Experiment("fedavg", "FedAvg local steps", fedavg, PlotSpec("local_steps", "FedAvg local steps K")),
+}

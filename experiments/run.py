@@ -1,0 +1,11 @@
+"""python -m experiments.run <name>|all|list --scale small|full [--out DIR] [--only ROWFILTER]
+
+Thin entry point: all logic is in ``gitjax.study`` (``gitjax experiment`` calls the same ``main``).
+"""
+
+import sys
+
+from gitjax.study import main
+
+if __name__ == "__main__":
+    sys.exit(main())
