@@ -230,7 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gitjax.demo import run_demo
 
     run_demo(args.out, victim=args.victim, prior_steps=args.prior_steps, ig_steps=args.ig_steps,
-             num_images=args.num_images, seed=args.seed, progress=not args.quiet)
+             num_images=args.num_images, seed=args.seed, generator=args.generator, progress=not args.quiet)
     return 0
 
 
@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="offline end-to-end demo on the embedded dataset")
     s.add_argument("--out", default="outputs/demo")
     s.add_argument("--victim", default="lenet")
-    s.add_argument("--prior-steps", type=int, default=600)
+    s.add_argument("--generator", default="coarse", choices=("exact", "coarse", "lti"),
+                   help="coarse trains in ~1 min on CPU; exact is slower per step (closed-form inversions inside)")
+    s.add_argument("--prior-steps", type=int, default=400)
     s.add_argument("--ig-steps", type=int, default=200)
     s.add_argument("--num-images", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)

@@ -96,9 +96,10 @@ class GITConfig:
 def _labels_for(problem: AttackProblem, layout) -> Array:
     if problem.labels is not None:
         return jnp.asarray(problem.labels)
-    from gitjax.attacks.labels import batch_labels
+    from gitjax.attacks.labels import batch_labels, estimate_mean_probs
 
-    return jnp.asarray(batch_labels(problem.grads, layout, problem.batch_size))
+    mean_probs = estimate_mean_probs(problem.victim, problem.params, problem.state, jax.random.key(0))
+    return jnp.asarray(batch_labels(problem.grads, layout, problem.batch_size, mean_probs=mean_probs))
 
 
 def run(problem: AttackProblem, key: Array, config: GITConfig, x_true: Array | None = None,
@@ -132,7 +133,9 @@ def run(problem: AttackProblem, key: Array, config: GITConfig, x_true: Array | N
         raise GitjaxError(f"refine must be '', 'ig' or 'dlg', got {config.refine!r}")
     cfg = config.refine_config
     if cfg is None:
-        cfg = base_attack.IGConfig() if config.refine == "ig" else base_attack.DLGConfig()
+        # Refinement starts close to the answer: IG's default signed step (0.1) overshoots and,
+        # since the loop keeps the best iterate, would return GIT's output unchanged.
+        cfg = base_attack.IGConfig(lr=0.05) if config.refine == "ig" else base_attack.DLGConfig()
     if x_prior is not None and hasattr(cfg, "prior_weight"):
         cfg = dataclasses.replace(cfg, prior_weight=config.prior_weight)
     problem = dataclasses.replace(problem, labels=labels)

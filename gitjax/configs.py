@@ -1,0 +1,398 @@
+"""Configs of the offline prior trainer (``gitjax.train``): one frozen dataclass and named presets.
+
+Every preset below starts with the command that runs it, how long it takes and
+the number it should reach (measured; see the docstrings). ``tiny`` is what the
+tests use.
+
+Configs are plain data: ``config_to_dict``/``config_from_dict`` round-trip them
+through JSON (tuples become lists and back), which is how a config is saved
+next to each checkpoint and checked on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Callable, Mapping
+
+from gitjax.generators import GeneratorConfig
+from gitjax.types import GitjaxError
+
+
+class ConfigError(GitjaxError):
+    """A training config is inconsistent or names something that does not exist."""
+
+
+# ----------------------------------------------------------------------------- perturbations
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+    """One augmentation of the leaked gradients during prior training (a defence from gitjax.defenses).
+
+    GIT claims robustness to noisy and pruned gradients (Chen & Liu 2025, arXiv
+    2505.20026, robustness section); the trainer gets it by showing the generator
+    defended gradients. Build with :func:`perturb`.
+
+    Attributes:
+      defense: a name in ``gitjax.defenses.DEFENSES`` ("gaussian", "prune", ...);
+        per-example defences ("dpsgd") are not supported (the trainer leaks batch gradients).
+      params: fixed hyper-parameters, ((name, value), ...).
+      ranges: sampled hyper-parameters, ((name, low, high), ...). Each step picks
+        one of ``levels`` evenly spaced values in [low, high] (the same level
+        index for every ranged name); the defences close over Python numbers, so
+        the trainer compiles one branch per level and ``lax.switch``es between them.
+      levels: number of values a range is discretised into (>= 2 when ranges are given).
+      prob: probability that one of the N gradients of a step is perturbed at
+        all (independently per gradient), so the generator also keeps seeing clean ones.
+    """
+
+    defense: str
+    params: tuple[tuple[str, Any], ...] = ()
+    ranges: tuple[tuple[str, float, float], ...] = ()
+    levels: int = 8
+    prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple((str(k), _freeze(v)) for k, v in self.params))
+        object.__setattr__(self, "ranges", tuple((str(k), float(lo), float(hi)) for k, lo, hi in self.ranges))
+
+    def level_values(self) -> list[dict[str, Any]]:
+        """Hyper-parameters of each level: [{name: value, ...}] (one entry when no ranges)."""
+        fixed = dict(self.params)
+        if not self.ranges:
+            return [fixed]
+        out = []
+        for i in range(self.levels):
+            t = i / (self.levels - 1)
+            out.append({**fixed, **{k: lo + t * (hi - lo) for k, lo, hi in self.ranges}})
+        return out
+
+
+def perturb(defense: str, prob: float = 1.0, levels: int = 8, **kwargs: Any) -> Perturbation:
+    """``perturb("gaussian", std=(0.0, 1e-2), prob=0.5)``: a (low, high) tuple makes a sampled range."""
+    params, ranges = [], []
+    for k, v in kwargs.items():
+        if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+            ranges.append((k, float(v[0]), float(v[1])))
+        else:
+            params.append((k, v))
+    return Perturbation(defense, tuple(params), tuple(ranges), levels, prob)
+
+
+# ----------------------------------------------------------------------------- train config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a prior-training run (frozen; hashable; JSON round-trip).
+
+    Attributes:
+      victim: victim model name (gitjax.victims.make_victim); victim_kwargs go to
+        its factory as ((name, value), ...), e.g. (("norm", "group"),).
+      victim_pretrain_steps, victim_pretrain_lr, victim_pretrain_batch: the
+        attacker's copy of the victim starts from ``seed`` and may be trained this
+        many SGD steps on the auxiliary train split first (0: a freshly
+        initialised model, round 0 of FL, as in DLG). The resulting parameters
+        are saved with every checkpoint and used again at attack time.
+      dataset: auxiliary (public) data, gitjax.data.load_dataset name; "train"
+        feeds training, "test" the held-out evaluation pairs.
+      generator: the generator (gitjax.generators.GeneratorConfig); its
+        batch_size must equal ``victim_batch``.
+      victim_batch: B, images behind one leaked gradient (the batch mean over B).
+      global_batch: N, leaked gradients per training step over all devices and hosts.
+      steps, lr, warmup, schedule, end_lr_ratio: AdamW learning rate; "warmup_cosine"
+        ramps linearly over ``warmup`` steps to lr and decays by cosine to
+        lr * end_lr_ratio at ``steps``; "constant" keeps lr after the warm-up.
+      weight_decay, grad_clip: AdamW decoupled weight decay; global-norm clipping (0: off).
+      ema_decay: EMA of the generator params (0: EMA = current params); eval and
+        ``load_prior`` use the EMA params.
+      mse_weight, tv_weight: loss = mse_weight * MSE(G(g), x) + tv_weight * TV(G(g)).
+      perturbations: gradient augmentations applied in order (see Perturbation).
+      param_discrepancy: (low, high) relative size of the noise added to the
+        victim params before the step's gradients are computed (one draw per
+        step from ``discrepancy_levels`` values, gitjax.discrepancy.perturb_params);
+        the generator still sees the unperturbed copy, as at attack time.
+      sort_by_label: order the B images of every group by (label, mean intensity)
+        before regressing. A batch-mean gradient is invariant to the order of its
+        B images, so without a canonical order the best fixed-order regressor
+        outputs their average; this order is recoverable from the gradient (labels
+        from the head's gradient). No effect for B = 1.
+      seed: everything random derives from it (victim init, generator init,
+        per-step data indices, augmentation keys).
+      eval_gradients: held-out (gradient, images) pairs from the test split for
+        test loss / PSNR (rounded up to a multiple of the device count).
+      checkpoint_every, keep_checkpoints, log_every, eval_every: in steps (0: never;
+        the last step always checkpoints, logs and evaluates).
+    """
+
+    victim: str = "lenet"
+    victim_kwargs: tuple[tuple[str, Any], ...] = ()
+    victim_pretrain_steps: int = 0
+    victim_pretrain_lr: float = 0.1
+    victim_pretrain_batch: int = 64
+    dataset: str = "patches"
+    generator: GeneratorConfig = dataclasses.field(default_factory=lambda: GeneratorConfig(kind="coarse"))
+    victim_batch: int = 1
+    global_batch: int = 64
+    steps: int = 2000
+    lr: float = 1e-3
+    warmup: int = 100
+    schedule: str = "warmup_cosine"
+    end_lr_ratio: float = 0.01
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    mse_weight: float = 1.0
+    tv_weight: float = 0.0
+    perturbations: tuple[Perturbation, ...] = ()
+    param_discrepancy: tuple[float, float] = (0.0, 0.0)
+    discrepancy_levels: int = 8
+    sort_by_label: bool = True
+    seed: int = 0
+    eval_gradients: int = 64
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    eval_every: int = 250
+
+    # Fields that may change between a run and its resumption (they do not change the math).
+    RUNTIME_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "checkpoint_every", "keep_checkpoints", "log_every", "eval_every",
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "victim_kwargs", tuple((str(k), _freeze(v)) for k, v in dict(self.victim_kwargs).items()))
+        object.__setattr__(self, "perturbations", tuple(self.perturbations))
+        object.__setattr__(self, "param_discrepancy", tuple(float(x) for x in self.param_discrepancy))
+
+    def validate(self) -> "TrainConfig":
+        """Raises ConfigError naming every inconsistent field; returns self."""
+        problems = []
+        for name in ("victim_batch", "global_batch", "steps", "eval_gradients", "victim_pretrain_batch"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "victim_pretrain_steps", "checkpoint_every", "log_every", "eval_every"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        gen_b = getattr(self.generator, "batch_size", self.victim_batch)
+        if gen_b != self.victim_batch:
+            problems.append(f"generator.batch_size={gen_b} must equal victim_batch={self.victim_batch}")
+        if self.schedule not in ("warmup_cosine", "constant"):
+            problems.append(f"schedule must be 'warmup_cosine' or 'constant', got {self.schedule!r}")
+        if self.warmup >= self.steps and self.schedule == "warmup_cosine":
+            problems.append(f"warmup={self.warmup} must be < steps={self.steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            problems.append(f"need lr > 0, weight_decay >= 0, grad_clip >= 0; got {self.lr}, "
+                            f"{self.weight_decay}, {self.grad_clip}")
+        lo, hi = (self.param_discrepancy + (0.0, 0.0))[:2]
+        if len(self.param_discrepancy) != 2 or not 0.0 <= lo <= hi:
+            problems.append(f"param_discrepancy must be (low, high) with 0 <= low <= high, got {self.param_discrepancy}")
+        if hi > 0 and lo < hi and self.discrepancy_levels < 2:
+            problems.append(f"discrepancy_levels must be >= 2 for a range, got {self.discrepancy_levels}")
+        problems += _perturbation_problems(self.perturbations)
+        if problems:
+            raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
+        return self
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _perturbation_problems(perturbations: tuple[Perturbation, ...]) -> list[str]:
+    from gitjax.defenses import DEFENSES, make_defense
+
+    problems = []
+    for i, p in enumerate(perturbations):
+        if not isinstance(p, Perturbation):
+            problems.append(f"perturbations[{i}] must be a Perturbation, got {type(p).__name__}")
+            continue
+        if p.defense not in DEFENSES:
+            problems.append(f"perturbations[{i}]: unknown defence {p.defense!r}; available: {', '.join(DEFENSES)}")
+            continue
+        if not 0.0 <= p.prob <= 1.0:
+            problems.append(f"perturbations[{i}].prob must be in [0, 1], got {p.prob}")
+        if p.ranges and p.levels < 2:
+            problems.append(f"perturbations[{i}].levels must be >= 2 for a range, got {p.levels}")
+        try:
+            for kw in p.level_values():
+                t = make_defense(p.defense, **kw)
+                if getattr(t, "per_example", False):
+                    problems.append(f"perturbations[{i}]: {p.defense!r} needs per-example gradients; "
+                                    "the trainer augments batch gradients")
+                    break
+        except ValueError as e:
+            problems.append(f"perturbations[{i}]: {e}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- dict <-> config
+
+
+def _freeze(v: Any) -> Any:
+    """Lists (from JSON) -> tuples, recursively, so configs stay hashable and compare equal."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, Mapping):
+        return tuple((str(k), _freeze(x)) for k, x in v.items())
+    return v
+
+
+def _to_jsonable(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _to_jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_to_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _to_jsonable(x) for k, x in v.items()}
+    return v
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """A JSON-serialisable dict (victim_kwargs as a dict, tuples as lists)."""
+    d = _to_jsonable(config)
+    d["victim_kwargs"] = {k: _to_jsonable(v) for k, v in config.victim_kwargs}
+    return d
+
+
+def _dataclass_from_dict(cls: type, d: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: expected a dict for {cls.__name__}, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {cls.__name__} fields {unknown}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in d.items():
+        hint = hints.get(k)
+        if dataclasses.is_dataclass(hint):
+            kwargs[k] = _dataclass_from_dict(hint, v, f"{where}.{k}")
+        else:
+            kwargs[k] = _freeze(v)
+    return cls(**kwargs)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
+    """Inverse of ``config_to_dict``; raises ConfigError for unknown fields."""
+    d = dict(d)
+    perts = [_dataclass_from_dict(Perturbation, p, f"perturbations[{i}]") for i, p in enumerate(d.pop("perturbations", []))]
+    kwargs = d.pop("victim_kwargs", {}) or {}
+    cfg = _dataclass_from_dict(TrainConfig, d, "config")
+    return dataclasses.replace(cfg, perturbations=tuple(perts), victim_kwargs=tuple(dict(kwargs).items()))
+
+
+def config_diff(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """Field name -> (a's value, b's value) for the fields that differ (JSON form)."""
+    da, db = config_to_dict(a), config_to_dict(b)
+    return {k: (da.get(k), db.get(k)) for k in sorted(set(da) | set(db)) if k not in ignore and da.get(k) != db.get(k)}
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def tiny() -> TrainConfig:
+    """python -m gitjax.train --preset tiny --workdir /tmp/git_tiny
+
+    ~40 s on 2 shared CPU cores, most of it compilation. Test MSE of the EMA
+    generator 0.113 -> ~0.075 (PSNR 9.9 -> 12.0 dB); tests assert a >= 20 % drop.
+    The tests' preset: MLP(32) victim, small Coarse-GIT, N=8, B=1, 60 steps.
+    """
+    return TrainConfig(
+        victim="mlp", victim_kwargs=(("widths", (32,)),),
+        generator=GeneratorConfig(kind="coarse", batch_size=1, width=64),
+        victim_batch=1, global_batch=8, steps=60, lr=3e-3, warmup=5, ema_decay=0.9,
+        eval_gradients=32, checkpoint_every=0, log_every=10, eval_every=30,
+    )
+
+
+def lenet_coarse() -> TrainConfig:
+    """python -m gitjax.train --preset lenet_coarse --workdir runs/lenet_coarse
+
+    ~4 min (225 s) on 2 shared CPU cores, ~400 examples/s. Test MSE 0.111 -> 0.023
+    (PSNR 9.9 -> 17.5 dB) on held-out patches; it plateaus near 0.022 from step 500
+    (1.4k training patches: doubling the steps only overfits, 0.0234 at step 2000).
+    Coarse-GIT on the DLG LeNet, one image per gradient (the paper's main setting).
+    """
+    return TrainConfig(
+        victim="lenet",
+        generator=GeneratorConfig(kind="coarse", batch_size=1),
+        victim_batch=1, global_batch=64, steps=1000, lr=1e-3, warmup=50,
+        checkpoint_every=250, log_every=50, eval_every=250,
+    )
+
+
+def lenet_coarse_b4() -> TrainConfig:
+    """python -m gitjax.train --preset lenet_coarse_b4 --workdir runs/lenet_coarse_b4
+
+    ~11 min (660 s) on 2 shared CPU cores, ~55 gradients/s (220 images/s). Test MSE
+    0.108 -> 0.049 (PSNR 10.0 -> 14.3 dB, images compared in the label-sorted order),
+    still falling at the end.
+    Coarse-GIT on LeNet with four images behind each batch-mean gradient.
+    """
+    return dataclasses.replace(
+        lenet_coarse(), generator=GeneratorConfig(kind="coarse", batch_size=4), victim_batch=4, global_batch=32,
+    )
+
+
+def lenet_robust() -> TrainConfig:
+    """python -m gitjax.train --preset lenet_robust --workdir runs/lenet_robust
+
+    lenet_coarse trained on perturbed gradients: Gaussian noise std in [0, 1e-2]
+    and 0-50 % top-k pruning, each on half of the gradients, plus up to 5 %
+    relative victim-parameter discrepancy (the paper's three robustness axes).
+    ~13 min (773 s) on 2 shared CPU cores, ~100 examples/s (pruning sorts every
+    gradient). Clean-gradient test MSE 0.111 -> 0.0235 (PSNR 17.3 dB), as good as
+    lenet_coarse's 0.023 despite training on perturbed gradients.
+    """
+    return dataclasses.replace(
+        lenet_coarse(),
+        perturbations=(perturb("gaussian", std=(0.0, 1e-2), prob=0.5), perturb("prune", ratio=(0.0, 0.5), prob=0.5)),
+        param_discrepancy=(0.0, 0.05),
+    )
+
+
+def lenet_lti() -> TrainConfig:
+    """python -m gitjax.train --preset lenet_lti --workdir runs/lenet_lti
+
+    ~2.5 min (158 s) on 2 shared CPU cores. Test MSE 0.126 -> 0.083 (PSNR 11.6 dB),
+    far behind Coarse-GIT's 0.023 with the same data and steps.
+    The LTI baseline (Wu et al. 2023: one MLP from the flat gradient to the image) on LeNet.
+    """
+    return dataclasses.replace(lenet_coarse(), generator=GeneratorConfig(kind="lti", batch_size=1))
+
+
+def resnet8_coarse() -> TrainConfig:
+    """python -m gitjax.train --preset resnet8_coarse --workdir runs/resnet8_coarse
+
+    ~5 min (310 s) on 2 shared CPU cores, ~130 examples/s. Test MSE 0.111 -> 0.026
+    (PSNR 16.9 dB), flat from step 750.
+    Coarse-GIT on a small GroupNorm ResNet (per-example gradients stay per-example).
+    """
+    return dataclasses.replace(
+        lenet_coarse(), victim="resnet8", victim_kwargs=(("norm", "group"),), global_batch=32,
+    )
+
+
+_PRESET_FNS: tuple[Callable[[], TrainConfig], ...] = (
+    tiny, lenet_coarse, lenet_coarse_b4, lenet_robust, lenet_lti, resnet8_coarse,
+)
+
+PRESETS: dict[str, TrainConfig] = {f.__name__: f() for f in _PRESET_FNS}
+
+
+def describe_presets() -> dict[str, str]:
+    """Preset name -> its docstring (command, time, expected number)."""
+    return {f.__name__: (f.__doc__ or "").strip() for f in _PRESET_FNS}
+
+
+def get_preset(name: str, **overrides: Any) -> TrainConfig:
+    """A preset with fields replaced, e.g. get_preset("tiny", steps=10)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    try:
+        return dataclasses.replace(PRESETS[name], **overrides)
+    except TypeError as e:
+        raise ConfigError(f"bad override for preset {name!r}: {e}") from None
