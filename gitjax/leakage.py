@@ -158,3 +158,23 @@ def sharded_per_example_grads(victim: Victim, params: Params, state: ModelState,
     if x_BxHxWxC.shape[0] % n:
         raise ValueError(f"batch of {x_BxHxWxC.shape[0]} is not divisible by the {n} devices of the mesh")
     return _sharded_pe_fn(victim, mesh, train)(params, state, x_BxHxWxC, jnp.asarray(y))
+
+
+def leaked_group_grads(victim: Victim, params: Params, state: ModelState, x_NxBxHxWxC: Array, y_NxB: Array,
+                       mesh: jax.sharding.Mesh | None = None) -> Grads:
+    """N FedSGD gradients, each the batch-mean over its B images; leaves (N, *param).
+
+    With a mesh of more than one device the N axis is split with ``shard_map`` (each device
+    runs vmap(batch_grad) on its slice) for the same reason as ``_sharded_pe_fn``: jit's SPMD
+    partitioning of vmapped conv weight gradients returned wrong values (jax 0.10.2, XLA CPU).
+    Call it inside jit; N must be divisible by the mesh size.
+    """
+
+    def local(p: Params, x: Array, y: Array) -> Grads:
+        return jax.vmap(lambda xi, yi: batch_grad(victim, p, state, xi, yi))(x, y)
+
+    if mesh is None or mesh.devices.size == 1:
+        return local(params, x_NxBxHxWxC, y_NxB)
+    fn = jax.shard_map(lambda p, x, y: local(_to_varying(p, "data"), x, y), mesh=mesh,
+                       in_specs=(P(), P("data"), P("data")), out_specs=P("data"))
+    return fn(params, x_NxBxHxWxC, y_NxB)

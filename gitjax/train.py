@@ -67,7 +67,7 @@ from gitjax.configs import (
     config_to_dict,
     get_preset,
 )
-from gitjax.leakage import batch_grad
+from gitjax.leakage import batch_grad, leaked_group_grads
 from gitjax.types import Array, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim, make_victim
 
@@ -147,9 +147,13 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip > 0 else adamw
 
 
-def leak_gradients(victim: Victim, params: Params, state: ModelState, x_NxBxHxWxC: Array, y_NxB: Array) -> Grads:
-    """N leaked gradients, each the batch-mean gradient of its B images (FedSGD); leaves (N, *param)."""
-    return jax.vmap(lambda x, y: batch_grad(victim, params, state, x, y))(x_NxBxHxWxC, y_NxB)
+def leak_gradients(victim: Victim, params: Params, state: ModelState, x_NxBxHxWxC: Array, y_NxB: Array,
+                   mesh: Mesh | None = None) -> Grads:
+    """N leaked gradients, each the batch-mean gradient of its B images (FedSGD); leaves (N, *param).
+
+    With a multi-device mesh the N axis is split by ``shard_map`` (see leakage.leaked_group_grads).
+    """
+    return leaked_group_grads(victim, params, state, x_NxBxHxWxC, y_NxB, mesh)
 
 
 def total_variation(x_NxBxHxWxC: Array) -> Array:
@@ -314,7 +318,8 @@ class _Compiled:
     abstract_state: Any
 
 
-def _make_fns(config: TrainConfig, victim: Victim, generator: nn.Module, abstract_victim_params: Params):
+def _make_fns(config: TrainConfig, victim: Victim, generator: nn.Module, abstract_victim_params: Params,
+              mesh: Mesh | None = None):
     tx = make_optimizer(config)
     augment = make_augment(config.perturbations)
     discrepancy = make_param_discrepancy(config)
@@ -337,7 +342,7 @@ def _make_fns(config: TrainConfig, victim: Victim, generator: nn.Module, abstrac
                    x_NxBxHxWxC: Array, y_NxB: Array) -> tuple[TrainState, dict[str, Array]]:
         rng, k_disc, k_aug = jax.random.split(state.rng, 3)
         leak_params = victim_params if discrepancy is None else discrepancy(k_disc, victim_params)
-        grads_N = leak_gradients(victim, leak_params, victim_state, x_NxBxHxWxC, y_NxB)
+        grads_N = leak_gradients(victim, leak_params, victim_state, x_NxBxHxWxC, y_NxB, mesh)
         if augment is not None:
             grads_N = augment(k_aug, grads_N)
         grads_N = jax.lax.stop_gradient(grads_N)
@@ -359,7 +364,7 @@ def _make_fns(config: TrainConfig, victim: Victim, generator: nn.Module, abstrac
 
     def eval_step(ema_params: Params, victim_params: Params, victim_state: ModelState,
                   x_NxBxHxWxC: Array, y_NxB: Array) -> dict[str, Array]:
-        grads_N = leak_gradients(victim, victim_params, victim_state, x_NxBxHxWxC, y_NxB)
+        grads_N = leak_gradients(victim, victim_params, victim_state, x_NxBxHxWxC, y_NxB, mesh)
         x_hat = jnp.clip(generator.apply({"params": ema_params}, grads_N, victim_params), 0.0, 1.0)
         return {"test_loss": jnp.mean(jnp.square(x_hat - x_NxBxHxWxC)),
                 "test_psnr": jnp.mean(psnr_per_image(x_hat, x_NxBxHxWxC))}
@@ -372,7 +377,7 @@ def _compiled(config: TrainConfig, victim: Victim, mesh: Mesh, abstract_victim: 
     """Jitted init/step/eval for one (math-relevant config, victim, mesh): later train_prior calls reuse them."""
     abstract_params = abstract_victim.tree["params"]
     generator = _build_generator(config, victim, abstract_params)
-    init, train_step, eval_step = _make_fns(config, victim, generator, abstract_params)
+    init, train_step, eval_step = _make_fns(config, victim, generator, abstract_params, mesh)
     repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     # ---- shard: state created directly with replicated shardings.
@@ -565,7 +570,7 @@ def train_prior(config: TrainConfig, workdir: str | Path, *, resume: bool = True
                     t_last, steps_since = time.perf_counter(), 0
             if pbar is not None:
                 pbar.close()
-            if ckpt.latest_step() is None:  # until_step=0 on a fresh run: still leave a loadable checkpoint
+            if start >= stop and ckpt.latest_step() is None:  # until_step=0 on a fresh run: leave a loadable checkpoint
                 ckpt.save(start, state, *save_args)
     finally:
         ckpt.close()  # waits for the last async save

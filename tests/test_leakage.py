@@ -181,3 +181,24 @@ def test_bad_images_and_labels_raise_input_shape_error(fn):
         fn(victim, params, state, x, y[:7])
     with pytest.raises(InputShapeError, match=r"labels must have shape \(8,\) or \(8, 10\).*got \(8, 3\)"):
         fn(victim, params, state, x, jnp.zeros((8, 3)))
+
+
+def test_leaked_group_grads_sharded_matches_unsharded_for_conv_victim():
+    """The trainer's N x B FedSGD leak, split over 8 devices with B=1 on a conv net (the case
+    where jit's SPMD partitioning of vmapped conv gradients was wrong), equals one device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from gitjax.leakage import data_mesh, leaked_group_grads
+
+    assert len(jax.devices()) == 8
+    v = make_victim("lenet")
+    params, state = jax.jit(v.init)(jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (8, 1, 32, 32, 3))
+    y = jax.random.randint(jax.random.key(2), (8, 1), 0, 10)
+    ref = jax.jit(lambda p, a, b: leaked_group_grads(v, p, state, a, b))(params, x, y)
+    mesh = data_mesh()
+    rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    out = jax.jit(lambda p, a, b: leaked_group_grads(v, p, state, a, b, mesh),
+                  in_shardings=(rep, bat, bat), out_shardings=bat)(params, x, y)
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
