@@ -1,3 +1,45 @@
-"""gitjax: Gradient Inversion Transcript (GIT) and gradient-leakage attacks in JAX/Flax."""
+"""gitjax: Gradient Inversion Transcript (GIT) and gradient-leakage attacks in JAX/Flax.
+
+Public API (imported lazily so ``gitjax --help`` starts fast)::
+
+    gitjax.make_victim(name)                      the victim zoo
+    gitjax.per_example_grads / batch_grad / fedavg_update
+    gitjax.build_generator(GeneratorConfig, victim, params)
+    gitjax.train_prior(TrainConfig, workdir) / gitjax.load_prior(workdir)
+    gitjax.attack(prior, grads)                   GIT one-shot, pure (jit / vmap it)
+    gitjax.run_attack(name, AttackProblem, key)   every registered attack
+    gitjax.evaluate(recon, truth)                 PSNR / SSIM / MSE with matching
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "make_victim": "gitjax.victims",
+    "list_victims": "gitjax.victims",
+    "per_example_grads": "gitjax.leakage",
+    "batch_grad": "gitjax.leakage",
+    "fedavg_update": "gitjax.leakage",
+    "GradientLayout": "gitjax.layout",
+    "make_defense": "gitjax.defenses",
+    "GeneratorConfig": "gitjax.generators",
+    "build_generator": "gitjax.generators",
+    "TrainConfig": "gitjax.configs",
+    "train_prior": "gitjax.train",
+    "load_prior": "gitjax.train",
+    "attack": "gitjax.attacks.git",
+    "Prior": "gitjax.attacks.git",
+    "AttackProblem": "gitjax.attacks",
+    "run_attack": "gitjax.attacks",
+    "evaluate": "gitjax.metrics",
+    "load_dataset": "gitjax.data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gitjax' has no attribute {name!r}")
