@@ -66,7 +66,8 @@ class GeneratorConfig:
       use_victim_params: Exact-GIT reads the victim's weights from ``victim_params``
         (the FL server knows them); if False it learns them, as the paper's Exact-GIT does.
       exact_cg_iters: conjugate-gradient steps per underdetermined layer (Exact-GIT).
-      exact_ridge: initial relative ridge of Exact-GIT's pseudo-inverses.
+      exact_ridge: relative singular-value cutoff of Exact-GIT's exact pseudo-inverses (the
+        initial relative ridge of the underdetermined ones is max(exact_ridge, 1e-4)).
       refine_channels: channels of the zero-initialised residual image refiner
         that ends Exact-GIT (0: none).
       coarse_rank: R of Coarse-GIT's factorised sketches ``U^T G V``.
@@ -675,23 +676,26 @@ class LinearOps:
 
 
 def ridge_invert(ops: LinearOps, dk_sum: Array, delta: Array, a0: Array, eps: Array,
-                 coverage: Array | None = None) -> Array:
+                 coverage: Array | None = None, rtol: float = 1e-6) -> Array:
     """Closed-form layer-input estimate from the weight gradient: the (regularised) pseudo-inverse.
 
     With patches ``X`` (features x M) of the input and errors ``D`` (M x O), the
     weight gradient is ``Y = B dK = X D``. Given D, the solution closest to a prior
     ``X0`` is ``X = X0 + (Y - X0 D) (D^T D + lam I)^{-1} D^T``, which for a dense
-    layer at B = 1 is the exact ratio ``a = dK db / |db|^2``. Uses the M x M (dual)
-    system when M <= O, otherwise the O x O (primal) system; the primal correction
-    is folded back to the input by col2im (``coverage`` averages overlapping patches).
+    layer at B = 1 is the exact ratio ``a = dK db / |db|^2``. When M <= O (dense
+    layers; token layers at small B) it uses the dual form with the pseudo-inverse
+    ``D^+`` (singular values below ``rtol * s_max`` cut), otherwise the O x O primal
+    system with ridge ``eps``; the primal correction is folded back to the input by
+    col2im (``coverage`` averages overlapping patches).
 
     Args:
       ops: the layer's linear maps.
       dk_sum: kernel-shaped ``B * dK`` (the batch-summed weight gradient).
       delta: (B, *out_shape) error at the layer output (already bias-projected).
       a0: (B, *in_shape) prior input estimate.
-      eps: relative ridge (scalar).
+      eps: relative ridge of the primal system (scalar, may be traced).
       coverage: (*in_shape[:-1], 1) patch overlap counts (convs) or None.
+      rtol: relative singular-value cutoff of the dual pseudo-inverse (static).
 
     Returns:
       (B, *in_shape) input estimate.
@@ -702,12 +706,10 @@ def ridge_invert(ops: LinearOps, dk_sum: Array, delta: Array, a0: Array, eps: Ar
     p0 = ops.unfold(a0)
     res = dk_sum - ops.weight_grad(p0, delta)  # Y - X0 D
     if ops.lp.op == "dense" and m <= o:
-        # Dual form X = X0 + R D^+ with the SVD pseudo-inverse D^+ = V S^-1 U^T (ridge-damped):
-        # forming D D^T would square D's condition number (the ViT patch embedding at B = 1).
-        u_mk, s_k, vt_ko = jnp.linalg.svd(d_mo, full_matrices=False)
-        lam = eps * jnp.sum(s_k**2) / m + TINY
-        pinv_om = (vt_ko.T * (s_k / (s_k**2 + lam))) @ u_mk.T
-        x_im = res.reshape(-1, o) @ pinv_om  # (I, M)
+        # Dual form X = X0 + R D^+ with D^+ from the SVD (cutoff rtol): forming D D^T would square
+        # D's condition number (the ViT patch embedding at B = 1). jnp.linalg.pinv has a stable JVP
+        # (no 1/(s_i^2 - s_j^2) terms), so repeated or zero singular values do not give NaN grads.
+        x_im = res.reshape(-1, o) @ jnp.linalg.pinv(d_mo, rtol=rtol)  # (I, M)
         return a0 + x_im.T.reshape(a0.shape)
     c = jnp.einsum("...o,op->...p", res, _gram_solve(d_mo.T @ d_mo, jnp.eye(o, dtype=d_mo.dtype), eps))
     da = ops.fold(ops.back(delta, c))

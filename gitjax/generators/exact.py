@@ -181,12 +181,15 @@ class _ExactCore(nn.Module):
         n_out = e.shape[-1]
         m_rows = bsz * math.prod(lp.out_shape[:-1])
         determined = lp.op == "dense" and m_rows <= n_out
-        log_eps = self.param(f"{name}_log_ridge", nn.initializers.constant(
-            math.log(self.config.exact_ridge if determined else max(self.config.exact_ridge, 1e-4))), ())
         ops = LinearOps(lp, (bsz, *lp.in_shape))
         a0 = jnp.zeros((bsz, *lp.in_shape), e.dtype)
         cov = conv_coverage(ops) if lp.op == "conv" else None
-        a = ridge_invert(ops, dk_sum, e, a0, jnp.exp(log_eps), cov)
+        if determined:  # exact pseudo-inverse, no trainable ridge
+            a = ridge_invert(ops, dk_sum, e, a0, jnp.zeros(()), cov, rtol=self.config.exact_ridge)
+        else:
+            log_eps = self.param(f"{name}_log_ridge", nn.initializers.constant(
+                math.log(max(self.config.exact_ridge, 1e-4))), ())
+            a = ridge_invert(ops, dk_sum, e, a0, jnp.exp(log_eps), cov)
         if not determined and self.config.exact_cg_iters > 0:
             log_w = self.param(f"{name}_log_cg_weights", lambda k: jnp.array([0.0, 3.0, math.log(1e-6)]))
             a = cg_refine(ops, kernel, bias, dk_sum, e, z, m, a, log_w, self.config.exact_cg_iters)
