@@ -12,8 +12,27 @@ Public API (imported lazily so ``gitjax --help`` starts fast)::
 """
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+
+def _xla_cpu_workaround() -> None:
+    """Turns off XLA:CPU's concurrency-optimised scheduler unless the user set it.
+
+    With it on (the default in jax 0.10), Exact-GIT's ResNet generator (several
+    implicit-gradient CG solves, ``lax.custom_linear_solve``, in one program) was seen
+    to hang forever on a 2-core CPU: the program never finished and used no CPU.
+    The flag only changes the order of independent ops on CPU; GPU/TPU ignore it.
+    It is read when the CPU backend starts, so it must be set before the first jax op.
+    """
+    flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}=false".strip()
+
+
+_xla_cpu_workaround()
 
 _EXPORTS = {
     "make_victim": "gitjax.victims",

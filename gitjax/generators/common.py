@@ -615,6 +615,8 @@ def project_sum(e: Array, target: Array, axes: Sequence[int]) -> Array:
     ``sum_{i,p} delta_i[p] = B * db`` (or ``sum_i delta_i = B * d pos_embed``).
     """
     count = math.prod(e.shape[a] for a in axes)
+    if count == 1:  # fully determined: take the target itself (e + (target - e) loses digits when |e| >> |target|)
+        return jnp.broadcast_to(jnp.expand_dims(target, tuple(axes)), e.shape).astype(e.dtype)
     return e + jnp.expand_dims((target - e.sum(axes)) / count, tuple(axes))
 
 
@@ -737,9 +739,9 @@ def cg_refine(ops: LinearOps, kernel: Array, bias: Array | None, dk_sum: Array, 
     layer above recovered; ``weight`` says how much each entry is trusted) and
     ``G(a) = sum_i grad_K <F_K(a_i), delta_i>`` the weight-gradient equations. Each
     term is normalised by the squared size of its right-hand side and scaled by
-    ``exp(log_w)`` (learned). ``iters`` steps of Jacobi-preconditioned CG
-    (``jax.scipy.sparse.linalg.cg``); its gradient is implicit (one more solve via
-    ``lax.custom_linear_solve``), so nothing is unrolled or stored per step.
+    ``exp(log_w)`` (learned). ``iters`` steps of Jacobi-preconditioned CG; its
+    gradient is implicit (one more solve via ``lax.custom_linear_solve``), so
+    nothing is unrolled or stored per step.
     """
     zb = z - (bias if bias is not None else 0.0)
     w2 = jnp.broadcast_to(weight**2, zb.shape)
@@ -756,9 +758,34 @@ def cg_refine(ops: LinearOps, kernel: Array, bias: Array | None, dk_sum: Array, 
     # Jacobi preconditioner: the exact diagonals of F^T W^2 F and G^T G.
     diag = ops.fold(w_f * ops.back(w2, kernel**2) + w_g * ops.back(delta**2, jnp.ones_like(dk_sum))) + w_r
     inv_diag = 1.0 / diag
-    x, _ = jax.scipy.sparse.linalg.cg(normal_op, rhs, x0=a_init, tol=0.0, atol=0.0, maxiter=iters,
-                                      M=lambda r: inv_diag * r)
-    return x
+    # Solve for the correction from a_init (zero initial guess), so that the transposed solve
+    # of the implicit gradient starts from zero too.
+    res = rhs - normal_op(a_init)
+    dx = jax.lax.custom_linear_solve(normal_op, res, lambda mv, b: _pcg(mv, b, inv_diag, iters),
+                                     symmetric=True)
+    return a_init + dx
+
+
+def _pcg(matvec: Callable[[Array], Array], b: Array, inv_diag: Array, iters: int) -> Array:
+    """``iters`` steps of Jacobi-preconditioned CG for ``A x = b`` from x = 0 (fixed trip count)."""
+    vdot = lambda u, v: jnp.sum(u * v)
+    z0 = inv_diag * b
+    rz0 = vdot(b, z0)
+
+    def step(_, carry):
+        x, r, p, rz = carry
+        ap = matvec(p)
+        pap = vdot(p, ap)
+        ok = (pap > TINY) & (rz > 1e-14 * rz0 + TINY)
+        alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1.0), 0.0)
+        x = x + alpha * p
+        r = r - alpha * ap
+        z = inv_diag * r
+        rz_new = vdot(r, z)
+        beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1.0), 0.0)
+        return x, r, z + beta * p, rz_new
+
+    return jax.lax.fori_loop(0, iters, step, (jnp.zeros_like(b), b, z0, rz0))[0]
 
 
 def to_image(plan: VictimPlan, a_first: Array) -> Array | None:

@@ -78,6 +78,20 @@ def _pname(lp_or_name) -> str:
     return name.replace("/", "_")
 
 
+def _after(state: State, dep: Array | None) -> State:
+    """``state`` with a data dependency on ``dep``: parallel branches (fan-outs, skip chains) run in turn.
+
+    XLA:CPU (jax 0.10) was seen to deadlock when the backward passes of two
+    independent CG solves (``lax.custom_linear_solve``) are scheduled concurrently;
+    chaining the branches through an optimisation barrier serialises them (and their
+    transposes) at no cost on a CPU that has no spare cores anyway.
+    """
+    if dep is None:
+        return state
+    state, _ = jax.lax.optimization_barrier((state, dep))
+    return state
+
+
 class ExactGIT(nn.Module):
     """Exact-GIT generator. ``apply({"params": p}, grads_N, victim_params) -> (N, B, H, W, C)`` in [0, 1].
 
@@ -254,7 +268,7 @@ class _ExactCore(nn.Module):
             for i in item:
                 lp = plan.layers[i]
                 s = self._connect(state, lp.post, lp.out_shape, _pname(lp))
-                outs.append(self._layer(lp, s, gb[i], vp))
+                outs.append(self._layer(lp, _after(s, outs[-1][0] if outs else None), gb[i], vp))
             if len(outs) == 1:
                 state = outs[0]
             else:  # fan-out: the input feeds every branch; estimates average, errors add
@@ -301,7 +315,7 @@ class _ExactCore(nn.Module):
             exit_state = self._connect(state, unit.post, unit.out_shape, f"{name}_exit")
             main = self._items(unit.main, exit_state, gb, vp)
             if unit.side:
-                side = self._items(unit.side, exit_state, gb, vp)
+                side = self._items(unit.side, _after(exit_state, main[0]), gb, vp)
                 gate0 = 0.5
             else:  # identity skip (or a learned resample when the shapes differ)
                 side = self._connect(exit_state, "mixed", unit.in_shape, f"{name}_skip")
