@@ -10,7 +10,9 @@ from gitjax.attacks.base import AttackProblem, get_attack, run_attack
 from gitjax.attacks.bn_prior import (IGBNConfig, batch_stats_from_update, bn_statistics, bn_stats_loss,
                                      calibrate_batch_stats, group_consistency)
 from gitjax.data import load_dataset
+from gitjax.attacks.ig import IGConfig
 from gitjax.leakage import batch_grad
+from gitjax.metrics import evaluate
 from gitjax.types import GitjaxError
 from gitjax.victims import make_victim
 
@@ -90,3 +92,36 @@ def test_ig_bn_runs_and_refuses_victims_without_bn(setup):
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     with pytest.raises(GitjaxError, match="BatchNorm"):
         run_attack("ig+bn", AttackProblem(mlp, zeros, mstate, zeros, 1, labels=y[:1]))
+
+
+def test_bn_term_lowers_ig_error_at_equal_budget(setup):
+    """See Through Gradients' claim on a seeded example: IG vs IG + BN prior, same 300 steps, same init.
+
+    Threat model: a FedAvg client shares its BN running statistics with the update, so
+    the server knows the private batch's own statistics (``batch_stats_from_update``)
+    and matches them in a train-mode forward. Measured here (this batch, inits 0-2): MSE
+    0.067 / 0.082 / 0.070 -> 0.063 / 0.062 / 0.064 (mean -14%); on three other batches
+    0.078 -> 0.062, 0.079 -> 0.066, 0.119 -> 0.087. Population statistics alone (eval mode)
+    did not help consistently on this random-init victim (0.078 -> 0.144 on one batch), so
+    they are not asserted (docs/closed_form_attacks.md).
+    """
+    victim, params, state, x, y = setup
+    g = batch_grad(victim, params, state, x, y)
+    problem = AttackProblem(victim, params, state, g, 4, labels=y)
+    _, updated = victim.module.apply({"params": params, **state}, victim.normalize(x), train=True,
+                                     mutable=["batch_stats"])
+    leaked = batch_stats_from_update(state, dict(updated), momentum=0.9)
+    steps = 300
+
+    def mse(res):
+        return evaluate(np.asarray(res.images), np.asarray(x), match=True)["mse"]
+
+    ig, with_bn = [], []
+    for seed in range(3):  # three inits: one run is too noisy a measure
+        key = jax.random.key(seed)
+        ig.append(mse(get_attack("ig").run(problem, key, IGConfig(steps=steps, record_every=0))))
+        with_bn.append(mse(get_attack("ig+bn").run(problem, key, IGBNConfig(steps=steps, record_every=0),
+                                                   bn_targets=leaked)))
+    print(f"IG MSE {np.round(ig, 4)}, IG + leaked BN statistics MSE {np.round(with_bn, 4)}")
+    assert all(b < a for a, b in zip(ig, with_bn)), (ig, with_bn)
+    assert np.mean(with_bn) < 0.92 * np.mean(ig), (ig, with_bn)
