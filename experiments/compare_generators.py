@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tv-weight", type=float, default=0.0, help="total-variation weight of the training loss")
     p.add_argument("--out", default="outputs/compare_generators")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.kinds:
             config = TrainConfig(victim=victim, dataset="patches", generator=GeneratorConfig(kind=kind, batch_size=1),
                                  victim_batch=1, global_batch=args.global_batch, steps=args.steps,
+                                 tv_weight=args.tv_weight,
                                  warmup=min(100, args.steps // 10), seed=args.seed,
                                  checkpoint_every=max(250, args.steps // 4), eval_every=max(100, args.steps // 5))
             t0 = time.perf_counter()
