@@ -25,6 +25,8 @@ def _xla_cpu_workaround() -> None:
     to hang forever on a 2-core CPU: the program never finished and used no CPU.
     The flag only changes the order of independent ops on CPU; GPU/TPU ignore it.
     It is read when the CPU backend starts, so it must be set before the first jax op.
+    Not a complete fix: one Exact-GIT ResNet configuration (tv_weight > 0) still hung
+    (README, "Known limits").
     """
     flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
     flags = os.environ.get("XLA_FLAGS", "")
