@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gitjax.attacks.base import AttackProblem, get_attack
-from gitjax.attacks.bn_prior import IGBNConfig, batch_stats_from_update, calibrate_batch_stats
+from gitjax.attacks.bn_prior import (IGBNConfig, batch_stats_from_update, calibrate_batch_stats,
+                                     client_running_stats)
 from gitjax.attacks.ig import IGConfig
 from gitjax.data import load_dataset
 from gitjax.leakage import batch_grad
@@ -48,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         x, y = jnp.asarray(test.images[idx]), jnp.asarray(test.labels[idx])
         problem = AttackProblem(victim, params, state, batch_grad(victim, params, state, x, y), b, labels=y)
         # The client's train-mode step updates the running statistics it then shares.
-        _, updated = victim.module.apply({"params": params, **state}, victim.normalize(x), train=True,
-                                         mutable=["batch_stats"])
-        leaked = batch_stats_from_update(state, dict(updated), momentum=0.9)
+        leaked = batch_stats_from_update(state, client_running_stats(victim, params, state, x), momentum=0.9)
         key = jax.random.key(i)
         runs = {
             "IG": get_attack("ig").run(problem, key, IGConfig(steps=args.steps, record_every=0)),

@@ -8,9 +8,9 @@ import pytest
 
 from gitjax.attacks.base import AttackProblem, get_attack, run_attack
 from gitjax.attacks.bn_prior import (IGBNConfig, batch_stats_from_update, bn_statistics, bn_stats_loss,
-                                     calibrate_batch_stats, group_consistency)
-from gitjax.data import load_dataset
+                                     calibrate_batch_stats, client_running_stats, group_consistency)
 from gitjax.attacks.ig import IGConfig
+from gitjax.data import load_dataset
 from gitjax.leakage import batch_grad
 from gitjax.metrics import evaluate
 from gitjax.types import GitjaxError
@@ -64,9 +64,7 @@ def test_prior_prefers_the_true_batch_to_noise(setup):
 def test_shared_running_stats_leak_the_batch_stats(setup):
     victim, params, state, x, _ = setup
     # A FedAvg client trains one step in train mode and shares its new running statistics.
-    _, updated = victim.module.apply({"params": params, **state}, victim.normalize(x), train=True,
-                                     mutable=["batch_stats"])
-    leaked = batch_stats_from_update(state, dict(updated), momentum=0.9)
+    leaked = batch_stats_from_update(state, client_running_stats(victim, params, state, x), momentum=0.9)
     truth = calibrate_batch_stats(victim, params, state, x)
     for a, b in zip(jax.tree_util.tree_leaves(leaked), jax.tree_util.tree_leaves(truth)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
@@ -108,9 +106,7 @@ def test_bn_term_lowers_ig_error_at_equal_budget(setup):
     victim, params, state, x, y = setup
     g = batch_grad(victim, params, state, x, y)
     problem = AttackProblem(victim, params, state, g, 4, labels=y)
-    _, updated = victim.module.apply({"params": params, **state}, victim.normalize(x), train=True,
-                                     mutable=["batch_stats"])
-    leaked = batch_stats_from_update(state, dict(updated), momentum=0.9)
+    leaked = batch_stats_from_update(state, client_running_stats(victim, params, state, x), momentum=0.9)
     steps = 300
 
     def mse(res):

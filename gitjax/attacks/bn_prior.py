@@ -100,6 +100,18 @@ def bn_stats_loss(victim: Victim, params: Params, state: ModelState, train: bool
     return loss
 
 
+def client_running_stats(victim: Victim, params: Params, state: ModelState, x_BxHxWxC: Array) -> ModelState:
+    """The state a FedAvg client shares after one train-mode forward on its private batch x.
+
+    Its BatchNorm layers update ``running = m * running + (1 - m) * batch`` (Flax's
+    ``momentum`` m); other collections are unchanged. Feed the result to
+    ``batch_stats_from_update`` to recover the batch statistics.
+    """
+    _, updated = victim.module.apply({"params": params, **state}, victim.normalize(x_BxHxWxC), train=True,
+                                     mutable=["batch_stats"])
+    return {**state, **updated}
+
+
 def batch_stats_from_update(old_state: ModelState, new_state: ModelState, momentum: float = 0.9) -> ModelState:
     """The client's batch statistics from a shared running-statistics update.
 
