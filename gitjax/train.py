@@ -599,7 +599,8 @@ def _restore_or_init(ckpt: PriorCheckpointer, config: TrainConfig, resume: bool,
     if diff:
         shown = "; ".join(f"{k}: saved {a!r} vs now {v!r}" for k, (a, v) in diff.items())
         raise ConfigMismatchError(f"cannot resume from {ckpt.directory}: the config differs in {shown}")
-    state, victim_tree, start = ckpt.restore(latest, fns.abstract_state, abstract_victim)
+    # None: the newest step that restores (a broken newer one is skipped with a warning).
+    state, victim_tree, start = ckpt.restore(None, fns.abstract_state, abstract_victim)
     return state, victim_tree, start, _read_metrics(metrics_path, start)
 
 
@@ -624,6 +625,7 @@ def load_prior(path: str | Path, step: int | None = None) -> Prior:
     quiet_orbax_logs()
     directory, path_step = resolve_checkpoint_dir(path)
     step = path_step if step is None else step
+    explicit = step is not None  # a named step is strict; "latest" falls back past a broken newest step
     with PriorCheckpointer(directory, max_to_keep=None, read_only=True) as ckpt:
         if step is None:
             step = ckpt.latest_step()
@@ -643,7 +645,7 @@ def load_prior(path: str | Path, step: int | None = None) -> Prior:
         generator = _build_generator(config, victim, abstract_victim["params"])
         init, _, _ = _make_fns(config, victim, generator, abstract_victim["params"])
         abstract_state = jax.eval_shape(init, jnp.int32(0), abstract_victim["params"])
-        state, victim_tree, _ = ckpt.restore(step, jax.tree_util.tree_map(place, abstract_state),
+        state, victim_tree, _ = ckpt.restore(step if explicit else None, jax.tree_util.tree_map(place, abstract_state),
                                              jax.tree_util.tree_map(place, abstract_victim))
     prior = _LoadedPrior(generator, state.ema_params, victim, victim_tree["params"], config)
     prior.victim_state = victim_tree["state"]
