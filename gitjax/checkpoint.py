@@ -96,7 +96,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> tuple[Path, int | No
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"checkpoint path {p} does not exist")
+        raise CheckpointError(f"checkpoint path {p} does not exist; pass the --workdir of a gitjax train-prior run")
     if (p / CHECKPOINT_SUBDIR).is_dir():
         return (p / CHECKPOINT_SUBDIR).resolve(), None
     if _is_step_dir(p) and any((p / item).exists() for item in ITEMS):

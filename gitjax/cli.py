@@ -14,28 +14,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
+
+from gitjax import validate
+from gitjax.types import GitjaxError
 
 
 def _parse_kv(items: Sequence[str] | None) -> dict[str, Any]:
     """['std=0.01', 'per_layer=true'] -> {'std': 0.01, 'per_layer': True}."""
-    out: dict[str, Any] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise SystemExit(f"expected key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    return validate.parse_key_values(items, "--defense-arg")
 
 
 # ----------------------------------------------------------------------------- models / datasets
+
+
+def validate_models(args: argparse.Namespace) -> None:
+    for v in args.input_shape:
+        validate.positive_int(v, "--input-shape (H W C)")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -96,10 +97,75 @@ def train_config_from_args(args: argparse.Namespace):
     return dataclasses.replace(config, **changes).validate()
 
 
+def validate_train_prior(args: argparse.Namespace) -> None:
+    """Flags, the config they make, the workdir and what resuming would do; before any data or JAX work."""
+    validate.output_dir(args.workdir, "--workdir")
+    if args.victim is not None:
+        validate.victim_name(args.victim)
+    if args.data is not None:
+        validate.dataset_name(args.data)
+    for flag in ("batch_size", "steps", "global_batch"):
+        if getattr(args, flag) is not None:
+            validate.positive_int(getattr(args, flag), flag.replace("_", "-"))
+    if args.lr is not None:
+        validate.number_in(args.lr, "--lr", 0.0, lo_open=True)
+    if args.noise_std is not None:
+        validate.number_in(args.noise_std, "--noise-std", 0.0)
+    if args.prune_ratio is not None:
+        validate.number_in(args.prune_ratio, "--prune-ratio", 0.0, 1.0, hi_open=True)
+    if args.param_perturb is not None:
+        validate.number_in(args.param_perturb, "--param-perturb", 0.0)
+    _use_data_dir(args)
+    args.config = train_config_from_args(args)  # ConfigError: unknown preset, inconsistent fields
+    _announce_resume(args, args.config)
+
+
+def _use_data_dir(args: argparse.Namespace) -> None:
+    """``--data-dir``: must be a folder; for train-prior it reaches the loader as $TFDS_DATA_DIR."""
+    if getattr(args, "data_dir", None) is None:
+        return
+    if not Path(args.data_dir).expanduser().is_dir():
+        raise GitjaxError(f"--data-dir {args.data_dir} is not a folder; pass the TFDS data folder "
+                          "(the --data_dir given to `tfds build`)")
+    os.environ["TFDS_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+
+
+def _announce_resume(args: argparse.Namespace, config: Any) -> None:
+    """Existing checkpoints in --workdir: say that training continues (or refuse), before any work.
+
+    Rerunning a run with more --steps continues it from its newest checkpoint; one
+    line on stderr says so. With --no-resume an existing checkpoint is an error.
+    """
+    from gitjax.checkpoint import CHECKPOINT_SUBDIR, PriorCheckpointer
+    from gitjax.configs import TrainConfig, config_diff, config_from_dict
+
+    ckpt_dir = Path(args.workdir).expanduser() / CHECKPOINT_SUBDIR
+    if not ckpt_dir.is_dir() or not any(c.name.isdigit() for c in ckpt_dir.iterdir()):
+        return
+    with PriorCheckpointer(ckpt_dir, read_only=True) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            return
+        if args.no_resume:
+            raise GitjaxError(f"--workdir {args.workdir} already holds a run (checkpoint at step {step}); "
+                              "drop --no-resume to continue it, or pass a fresh --workdir")
+        saved = config_from_dict(ckpt.restore_config(step))
+    diff = config_diff(saved, config, ignore=TrainConfig.RUNTIME_FIELDS + ("steps",))
+    if diff:
+        shown = "; ".join(f"{k}: saved {a!r}, now {v!r}" for k, (a, v) in list(diff.items())[:3])
+        raise GitjaxError(f"--workdir {args.workdir} holds a run with another config ({shown}); "
+                          "pass the flags it was trained with, or a fresh --workdir")
+    if step >= config.steps:
+        print(f"gitjax: {args.workdir} is already trained to step {step} (>= --steps {config.steps}); "
+              "nothing to train (pass a larger --steps to continue it)", file=sys.stderr)
+    else:
+        print(f"gitjax: continuing {args.workdir} from step {step} to step {config.steps}", file=sys.stderr)
+
+
 def cmd_train_prior(args: argparse.Namespace) -> int:
     from gitjax.train import train_prior
 
-    config = train_config_from_args(args)
+    config = getattr(args, "config", None) or train_config_from_args(args)
     result = train_prior(config, args.workdir, resume=not args.no_resume, progress=not args.quiet)
     last = {k: v for r in result.history for k, v in r.items() if isinstance(v, (int, float))}
     print(json.dumps({"workdir": str(args.workdir), **last}))
@@ -126,6 +192,7 @@ class AttackJob:
     defense_args: dict
     out: str
     plot: bool
+    data_dir: str | None = None
 
 
 def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:
@@ -145,26 +212,33 @@ def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:
     spec = get_attack(job.method)
     if job.method.startswith("git"):
         if not job.checkpoint:
-            raise SystemExit(f"--method {job.method} needs --checkpoint <prior run dir> (from gitjax train-prior)")
+            raise GitjaxError(f"--method {job.method} needs --checkpoint <prior run dir> (from gitjax train-prior)")
         loaded = git_attack.load(job.checkpoint)
         victim, params, state = loaded.victim, loaded.prior.victim_params, loaded.victim_state
-        config = git_attack.config_for(job.method, job.checkpoint)
-        if job.steps is not None and config.refine:
-            sub = get_attack(config.refine).config_cls()
+        # Smallest fix for the missing git_attack.config_for (AttributeError before): the GIT config
+        # built here. To be superseded by the pipeline's method registry (issue 11, item 1).
+        config = spec.config_cls(checkpoint=job.checkpoint)
+        refine = job.method.partition("+")[2]
+        if job.steps is not None and refine:
+            sub = get_attack(refine).config_cls()
+            if refine == "ig":
+                sub = dataclasses.replace(sub, lr=0.05)  # git.run's default for refining (see there)
             config = dataclasses.replace(config, refine_config=dataclasses.replace(sub, steps=job.steps))
     else:
-        ds_train = load_dataset(job.data, "train")
+        ds_train = load_dataset(job.data, "train", data_dir=job.data_dir)
         victim = make_victim(job.victim, input_shape=ds_train.image_shape, num_classes=ds_train.num_classes,
                              mean=ds_train.mean, std=ds_train.std)
         params, state = victim.init(jax.random.key(job.seed))
         config = spec.config_cls()
         if job.steps is not None and hasattr(config, "steps"):
             config = dataclasses.replace(config, steps=job.steps)
-    ds = load_dataset(job.data, job.split, image_size=victim.input_shape[0], channels=victim.input_shape[2])
+    ds = load_dataset(job.data, job.split, image_size=victim.input_shape[0], channels=victim.input_shape[2],
+                      data_dir=job.data_dir)
     b = job.batch_size
-    n_problems = max(1, job.num_images // b)
+    n_problems = job.num_images // b  # validate_attack: num_images is a positive multiple of b
     if n_problems * b > len(ds):
-        raise SystemExit(f"{job.data}/{job.split} has {len(ds)} images; asked for {n_problems * b}")
+        raise GitjaxError(f"{job.data}/{job.split} has {len(ds)} images; --num-images {n_problems * b} asks for "
+                          f"more: pass --num-images <= {len(ds) // b * b}")
     defense = make_defense(job.defense, **job.defense_args)
     grad_fn = jax.jit(lambda p, s, x, y: leakage.batch_grad(victim, p, s, x, y))
     key = jax.random.key(job.seed)
@@ -174,6 +248,7 @@ def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:
         x = jnp.asarray(ds.images[i * b:(i + 1) * b])
         y = jnp.asarray(ds.labels[i * b:(i + 1) * b])
         grads = defense(k_def, grad_fn(params, state, x, y))
+        validate.finite_gradients(grads, f"batch {i} (images {i * b}..{(i + 1) * b - 1})")
         problem = AttackProblem(victim, params, state, grads, batch_size=b, labels=None)
         kw = {"x_true": x} if job.plot else {}
         res = spec.run(problem, k_att, config, **kw)
@@ -211,12 +286,41 @@ def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def validate_attack(args: argparse.Namespace) -> None:
+    """Every flag of ``gitjax attack`` (names, numbers, defence, checkpoint, --out) before any data or JAX work."""
+    from gitjax.attacks import get_attack
+
+    spec = get_attack(args.method)  # GitjaxError: unknown attack, listing the registered ones
+    uses_checkpoint = "checkpoint" in {f.name for f in dataclasses.fields(spec.config_cls)}
+    validate.victim_name(args.victim)
+    validate.dataset_name(args.data)
+    validate.split_name(args.split)
+    validate.positive_int(args.num_images, "--num-images")
+    validate.positive_int(args.batch_size, "--batch-size")
+    if args.num_images % args.batch_size:
+        raise GitjaxError(f"--num-images {args.num_images} is not a multiple of --batch-size {args.batch_size}; "
+                          f"pass e.g. --num-images {max(1, args.num_images // args.batch_size) * args.batch_size}")
+    if args.steps is not None:
+        validate.positive_int(args.steps, "--steps")
+    args.defense_kwargs = _parse_kv(args.defense_arg)
+    validate.defense_spec(args.defense, args.defense_kwargs)
+    if args.defense == "dpsgd":
+        raise GitjaxError("--defense dpsgd needs per-example gradients, but gitjax attack leaks batch gradients; "
+                          "use gaussian, laplace, prune, quantize or sign")
+    if args.out is not None:
+        validate.output_dir(args.out, "--out")
+    _use_data_dir(args)
+    validate.checkpoint_for_method(args.method, args.checkpoint, uses_checkpoint)
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from gitjax.viz import format_table
 
     out = args.out or os.path.join("outputs", f"attack-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    kwargs = getattr(args, "defense_kwargs", None)
     job = AttackJob(args.method, args.victim, args.data, args.split, args.num_images, args.batch_size, args.seed,
-                    args.steps, args.checkpoint or "", args.defense, _parse_kv(args.defense_arg), out, args.plot)
+                    args.steps, args.checkpoint or "", args.defense,
+                    _parse_kv(args.defense_arg) if kwargs is None else kwargs, out, args.plot, args.data_dir)
     summary = run_attack_job(job, progress=not args.quiet)
     print(format_table([summary]))
     print(f"wrote {out}/reconstruction.png and {out}/metrics.json")
@@ -224,6 +328,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- demo / experiment / bench
+
+
+def validate_demo(args: argparse.Namespace) -> None:
+    validate.victim_name(args.victim)
+    for flag in ("prior_steps", "ig_steps", "num_images"):
+        validate.positive_int(getattr(args, flag), flag.replace("_", "-"))
+    validate.output_dir(args.out, "--out")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -234,10 +345,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def experiment_exit_code(result: Any) -> int:
+    """The exit code of ``gitjax experiment`` from what the study's main returned.
+
+    An int is passed on; a sequence of run records (dicts with "status") gives 1
+    when any run failed (recorded, but the command must not report success).
+    """
+    if result is None:
+        return 0
+    if isinstance(result, int):
+        return result
+    records = list(result)
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        print(f"gitjax: error: {len(failed)} of {len(records)} experiment runs failed (see their JSON records "
+              "for the error; rerun to retry them)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace, rest: list[str]) -> int:
     from gitjax.study import main as study_main
 
-    return study_main([args.name, *rest]) or 0
+    return experiment_exit_code(study_main([args.name, *rest]))
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -247,7 +377,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     script = root / f"{args.name}.py"
     if not script.exists():
         names = sorted(p.stem for p in root.glob("*.py")) if root.exists() else []
-        raise SystemExit(f"unknown benchmark {args.name!r}; available: {', '.join(names) or 'none (run from a checkout)'}")
+        raise GitjaxError(f"unknown benchmark {args.name!r}; available: {', '.join(names) or 'none (run from a checkout)'}")
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
@@ -259,60 +389,76 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gitjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="show library log messages (orbax/absl) and Python warnings in full; quiet by default")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list victim models with parameter counts")
-    s.add_argument("--input-shape", type=int, nargs=3, default=(32, 32, 3), metavar=("H", "W", "C"))
-    s.set_defaults(fn=cmd_models)
+    s.add_argument("--input-shape", type=int, nargs=3, default=(32, 32, 3), metavar=("H", "W", "C"),
+                   help="image shape the models are built for (each >= 1; default 32 32 3)")
+    s.set_defaults(fn=cmd_models, check=validate_models)
 
     s = sub.add_parser("datasets", help="list datasets")
     s.set_defaults(fn=cmd_datasets)
 
     s = sub.add_parser("demo", help="offline end-to-end demo on the embedded dataset")
-    s.add_argument("--out", default="outputs/demo")
-    s.add_argument("--victim", default="lenet")
+    s.add_argument("--out", default="outputs/demo", help="output folder (created; default outputs/demo)")
+    s.add_argument("--victim", default="lenet", help="victim model (see gitjax models)")
     s.add_argument("--generator", default="coarse", choices=("exact", "coarse", "lti"),
                    help="coarse trains in ~1 min on CPU; exact is slower per step (closed-form inversions inside)")
-    s.add_argument("--prior-steps", type=int, default=400)
-    s.add_argument("--ig-steps", type=int, default=200)
-    s.add_argument("--num-images", type=int, default=8)
+    s.add_argument("--prior-steps", type=int, default=400, help="prior training steps (>= 1)")
+    s.add_argument("--ig-steps", type=int, default=200, help="IG iterations (>= 1)")
+    s.add_argument("--num-images", type=int, default=8, help="held-out images attacked (>= 1)")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=cmd_demo)
+    s.set_defaults(fn=cmd_demo, check=validate_demo)
 
-    s = sub.add_parser("train-prior", help="train a GIT prior offline on auxiliary data")
+    s = sub.add_parser("train-prior", help="train a GIT prior offline on auxiliary data",
+                       description="Train a GIT prior. Rerunning with the same --workdir continues the run from "
+                                   "its newest checkpoint (one line on stderr says from which step to which); "
+                                   "--no-resume refuses a --workdir that already holds a run.")
     s.add_argument("--workdir", required=True, help="run directory (checkpoints, config, metrics.jsonl)")
     s.add_argument("--preset", default=None, help="named TrainConfig preset (see gitjax.configs.PRESETS)")
-    s.add_argument("--victim", default=None)
-    s.add_argument("--data", default=None)
+    s.add_argument("--victim", default=None, help="victim model (see gitjax models)")
+    s.add_argument("--data", default=None, help="auxiliary dataset (see gitjax datasets)")
+    s.add_argument("--data-dir", default=None,
+                   help="TFDS data folder for cifar10/imagenet (sets $TFDS_DATA_DIR; never downloads)")
     s.add_argument("--generator", default=None, choices=("exact", "coarse", "lti"))
-    s.add_argument("--batch-size", type=int, default=None, help="victim batch B behind each gradient")
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--global-batch", type=int, default=None, help="gradients per training step (N)")
-    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--batch-size", type=int, default=None, help="victim batch B behind each gradient (>= 1)")
+    s.add_argument("--steps", type=int, default=None, help="total training steps (>= 1); more than a saved "
+                   "run's continues it")
+    s.add_argument("--global-batch", type=int, default=None, help="gradients per training step (N, >= 1)")
+    s.add_argument("--lr", type=float, default=None, help="learning rate (> 0)")
     s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--noise-std", type=float, default=None, help="train with Gaussian gradient noise (augmentation)")
-    s.add_argument("--prune-ratio", type=float, default=None, help="train with top-k pruned gradients")
-    s.add_argument("--param-perturb", type=float, default=None, help="train with relative victim-param perturbation")
-    s.add_argument("--no-resume", action="store_true")
-    s.set_defaults(fn=cmd_train_prior)
+    s.add_argument("--noise-std", type=float, default=None,
+                   help="train with Gaussian gradient noise of std up to this (>= 0; augmentation)")
+    s.add_argument("--prune-ratio", type=float, default=None,
+                   help="train with top-k pruned gradients, ratio up to this (in [0, 1))")
+    s.add_argument("--param-perturb", type=float, default=None,
+                   help="train with relative victim-param perturbation up to this (>= 0)")
+    s.add_argument("--no-resume", action="store_true", help="refuse a --workdir that already holds checkpoints")
+    s.set_defaults(fn=cmd_train_prior, check=validate_train_prior)
 
     s = sub.add_parser("attack", help="reconstruct held-out images from their leaked gradients")
     s.add_argument("--method", required=True, help="dlg, idlg, ig, git, git+ig, git+dlg, analytic, rgap, april, ig+bn")
     s.add_argument("--victim", default="lenet", help="victim model (ignored for git*: taken from the prior)")
-    s.add_argument("--data", default="patches")
-    s.add_argument("--split", default="test")
-    s.add_argument("--checkpoint", default=None, help="prior run dir for git, git+ig, git+dlg")
-    s.add_argument("--num-images", type=int, default=8)
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--steps", type=int, default=None, help="iterations of optimisation attacks")
+    s.add_argument("--data", default="patches", help="dataset of the held-out images (see gitjax datasets)")
+    s.add_argument("--data-dir", default=None, help="TFDS data folder for cifar10/imagenet (never downloads)")
+    s.add_argument("--split", default="test", help="train or test")
+    s.add_argument("--checkpoint", default=None,
+                   help="prior run dir for git, git+ig, git+dlg (an error for the other methods)")
+    s.add_argument("--num-images", type=int, default=8, help="images attacked, a multiple of --batch-size")
+    s.add_argument("--batch-size", type=int, default=1, help="images behind each leaked gradient (>= 1)")
+    s.add_argument("--steps", type=int, default=None, help="iterations of optimisation attacks (>= 1)")
     s.add_argument("--defense", default="none", help="none, gaussian, laplace, prune, quantize, sign")
-    s.add_argument("--defense-arg", action="append", metavar="K=V", help="e.g. std=0.01 or ratio=0.9")
+    s.add_argument("--defense-arg", action="append", metavar="K=V",
+                   help="defence hyper-parameter, e.g. std=0.01 or ratio=0.9 (repeat for several)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default=None)
+    s.add_argument("--out", default=None, help="output folder (default outputs/attack-<method>-<time>)")
     s.add_argument("--plot", action="store_true", help="record PSNR per iteration and save convergence.png")
-    s.set_defaults(fn=cmd_attack)
+    s.set_defaults(fn=cmd_attack, check=validate_attack)
 
-    s = sub.add_parser("experiment", help="robustness study; extra args go to experiments' runner")
+    s = sub.add_parser("experiment", help="robustness study; extra args go to experiments' runner "
+                       "(exit code 1 if a run failed)")
     s.add_argument("name")
     s.set_defaults(fn=cmd_experiment, passthrough=True)
 
@@ -322,21 +468,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"gitjax: warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Library chatter (orbax's read-only and metadata notes through absl) is hidden unless --verbose."""
+    if not verbose:
+        logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from gitjax.data import DatasetUnavailableError
-    from gitjax.types import GitjaxError
+    """Runs one command; bad input is ``gitjax: error: <one line>`` on stderr and exit code 2, before any work."""
+    import gitjax
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        if getattr(args, "passthrough", False):
-            return args.fn(args, rest)
-        return args.fn(args)
-    except (GitjaxError, DatasetUnavailableError) as e:  # bad input: one clear line, no traceback
-        print(f"gitjax: error: {e}", file=sys.stderr)
-        return 2
+    gitjax.configure_xla_cpu()  # before JAX starts its backend (warns if it already has)
+    _quiet_libraries(args.verbose)
+    from gitjax.data import DatasetUnavailableError
+
+    with warnings.catch_warnings():
+        if not args.verbose:
+            warnings.showwarning = _show_warning  # restored on exit: one line per warning
+        try:
+            if getattr(args, "check", None) is not None:
+                args.check(args)  # validation: names, numbers, paths, before any data or JAX work
+            if getattr(args, "passthrough", False):
+                return args.fn(args, rest)
+            return args.fn(args)
+        except (GitjaxError, DatasetUnavailableError) as e:  # bad input: one clear line, no traceback
+            print(f"gitjax: error: {_one_line(e)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
