@@ -150,11 +150,13 @@ class PriorCheckpointer:
 
         Newer step folders that are visibly broken are skipped with a one-line warning.
         """
+        skipped = []
         for step in reversed(self.all_steps()):
             problem = self.step_problem(step)
             if problem is None:
+                self._warn_skip(skipped, step)
                 return step
-            self._warn_skip(step, problem)
+            skipped.append((step, problem))
         return None
 
     def step_problem(self, step: int) -> str | None:
@@ -174,11 +176,13 @@ class PriorCheckpointer:
             return "its meta item has no fingerprint"
         return None
 
-    def _warn_skip(self, step: int, problem: str) -> None:
-        if step not in self._warned:
-            self._warned.add(step)
-            warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
-                          "using the newest good step before it", CheckpointFallbackWarning, stacklevel=3)
+    def _warn_skip(self, skipped: list[tuple[int, str]], used: int) -> None:
+        """One warning line per broken step passed over on the way to step ``used`` (once per step)."""
+        for step, problem in skipped:
+            if step not in self._warned:
+                self._warned.add(step)
+                warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
+                              f"using step {used}", CheckpointFallbackWarning, stacklevel=4)
 
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
@@ -268,9 +272,9 @@ class PriorCheckpointer:
                 except CheckpointError as e:
                     problem = str(e)
                 else:
+                    self._warn_skip(problems, s)
                     self._quarantine(problems)
                     return out
-            self._warn_skip(s, problem)
             problems.append((s, problem))
         if not problems:
             raise CheckpointError(f"no checkpoint found in {self.directory} (no completed step folders)")
