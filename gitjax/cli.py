@@ -476,10 +476,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"gitjax: warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    """Library chatter (orbax's read-only and metadata notes through absl) is hidden unless --verbose."""
-    if not verbose:
-        logging.getLogger("absl").setLevel(logging.ERROR)
+def _quiet_libraries(verbose: bool) -> int:
+    """Library chatter (orbax's read-only and metadata notes through absl) is hidden unless --verbose.
+
+    Returns the absl logger's previous level, which ``main`` restores when the command ends.
+    """
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    logger.setLevel(logging.INFO if verbose else logging.ERROR)
+    return previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -491,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     gitjax.configure_xla_cpu()  # before JAX starts its backend (warns if it already has)
-    _quiet_libraries(args.verbose)
+    absl_level = _quiet_libraries(args.verbose)
     from gitjax.data import DatasetUnavailableError
 
     with warnings.catch_warnings():
@@ -506,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (GitjaxError, DatasetUnavailableError) as e:  # bad input: one clear line, no traceback
             print(f"gitjax: error: {_one_line(e)}", file=sys.stderr)
             return 2
+        finally:
+            logging.getLogger("absl").setLevel(absl_level)
 
 
 if __name__ == "__main__":

@@ -665,6 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    import gitjax
+
+    gitjax.configure_xla_cpu()  # an entry point, like the gitjax CLI (import gitjax does not set it)
     parallel.maybe_initialize_distributed()  # before any JAX computation
     overrides = {} if args.steps is None else {"steps": args.steps}
     result = train_prior(get_preset(args.preset, **overrides), args.workdir, resume=not args.no_resume,

@@ -1,6 +1,7 @@
 """The command line as a user meets it: listing, attacks end to end, clear one-line errors."""
 
 import json
+import logging
 import math
 import shutil
 
@@ -77,6 +78,21 @@ def test_train_prior_then_git_attacks_through_the_cli(tiny_run, tmp_path, capsys
     summary = _attack_summary(out, capsys)
     assert summary["method"] == method and summary["victim"] == "mlp" and summary["images"] == 2
     assert summary["iterations"] == (3 if method == "git+ig" else 0)
+
+
+def test_library_logs_are_quiet_unless_verbose(tiny_run, tmp_path, capsys, caplog):
+    """Orbax's notes on read-only checkpoints ("Given directory is read only") only with --verbose."""
+    def absl_warnings(verbose):
+        run = tmp_path / f"copy{verbose}"  # a fresh path: the prior loader caches by path
+        shutil.copytree(tiny_run, run)
+        caplog.clear()
+        argv = ["--quiet", *(["--verbose"] if verbose else []), "attack", "--method", "git", "--checkpoint",
+                str(run), "--num-images", "1", "--out", str(tmp_path / f"out{verbose}")]
+        assert main(argv) == 0
+        return [r.getMessage() for r in caplog.records if r.name == "absl" and r.levelno >= logging.WARNING]
+
+    assert absl_warnings(verbose=False) == []
+    assert any("read only" in m for m in absl_warnings(verbose=True))
 
 
 def test_attack_falls_back_past_an_empty_newest_checkpoint(tiny_run, tmp_path, capsys):
