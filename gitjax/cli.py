@@ -311,6 +311,8 @@ def validate_attack(args: argparse.Namespace) -> None:
         validate.output_dir(args.out, "--out")
     _use_data_dir(args)
     validate.checkpoint_for_method(args.method, args.checkpoint, uses_checkpoint)
+    if uses_checkpoint:
+        validate.prior_batch_size(args.checkpoint, args.batch_size)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:

@@ -97,6 +97,23 @@ def checkpoint_for_method(method: str, checkpoint: str | None, uses_checkpoint: 
         resolve_checkpoint_dir(checkpoint)  # CheckpointError: missing path / no checkpoint there
 
 
+def prior_batch_size(checkpoint: str, batch_size: int) -> None:
+    """The prior at ``checkpoint`` reconstructs batches of its training B: ``--batch-size`` must match.
+
+    Reads only the saved config (JSON), no arrays.
+    """
+    from gitjax.checkpoint import PriorCheckpointer, resolve_checkpoint_dir
+
+    directory, step = resolve_checkpoint_dir(checkpoint)
+    with PriorCheckpointer(directory, read_only=True) as ckpt:
+        saved = ckpt.restore_config(step)
+    trained_b = (saved.get("generator") or {}).get("batch_size", saved.get("victim_batch"))
+    if trained_b is not None and int(trained_b) != batch_size:
+        raise GitjaxError(f"the prior at {checkpoint} reconstructs batches of {trained_b} images, but --batch-size "
+                          f"is {batch_size}; pass --batch-size {trained_b} (or train a prior with --batch-size "
+                          f"{batch_size})")
+
+
 def defense_spec(name: str, kwargs: Mapping[str, Any]) -> None:
     """Builds the defence once (cheap, no JAX work) so that bad names and arguments fail first."""
     from gitjax.defenses import DEFENSES, make_defense

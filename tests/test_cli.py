@@ -124,6 +124,16 @@ def test_rerun_of_a_finished_run_says_nothing_to_train(tiny_run, capsys):
     assert f"already trained to step {TINY_STEPS}" in capsys.readouterr().err
 
 
+def test_git_attack_with_another_batch_size_is_one_line_before_work(tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["--quiet", "attack", "--method", "git", "--checkpoint", str(tiny_run), "--num-images", "2",
+               "--batch-size", "2", "--out", str(out)])
+    assert rc == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "reconstructs batches of 1 images" in err[0] and "--batch-size 1" in err[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--no-resume"], "already holds a run (checkpoint at step"),
     (["--lr", "0.5"], "holds a run with another config (lr: saved"),
