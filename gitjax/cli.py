@@ -115,19 +115,24 @@ def validate_train_prior(args: argparse.Namespace) -> None:
         validate.number_in(args.prune_ratio, "--prune-ratio", 0.0, 1.0, hi_open=True)
     if args.param_perturb is not None:
         validate.number_in(args.param_perturb, "--param-perturb", 0.0)
-    _use_data_dir(args)
+    _use_data_dir(args, set_env=True)
     args.config = train_config_from_args(args)  # ConfigError: unknown preset, inconsistent fields
     _announce_resume(args, args.config)
 
 
-def _use_data_dir(args: argparse.Namespace) -> None:
-    """``--data-dir``: must be a folder; for train-prior it reaches the loader as $TFDS_DATA_DIR."""
+def _use_data_dir(args: argparse.Namespace, *, set_env: bool = False) -> None:
+    """``--data-dir`` must be a folder. ``set_env``: pass it on as $TFDS_DATA_DIR.
+
+    train-prior's loader reads the dataset by name from the config, so the folder
+    reaches it through the environment variable tfds itself reads.
+    """
     if getattr(args, "data_dir", None) is None:
         return
     if not Path(args.data_dir).expanduser().is_dir():
         raise GitjaxError(f"--data-dir {args.data_dir} is not a folder; pass the TFDS data folder "
                           "(the --data_dir given to `tfds build`)")
-    os.environ["TFDS_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+    if set_env:
+        os.environ["TFDS_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
 
 
 def _announce_resume(args: argparse.Namespace, config: Any) -> None:
@@ -423,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--victim", default=None, help="victim model (see gitjax models)")
     s.add_argument("--data", default=None, help="auxiliary dataset (see gitjax datasets)")
     s.add_argument("--data-dir", default=None,
-                   help="TFDS data folder for cifar10/imagenet (sets $TFDS_DATA_DIR; never downloads)")
+                   help="TFDS data folder for mnist, cifar10, cifar100, celeb_a, imagenet (the --data_dir of "
+                        "`tfds build`; passed on as $TFDS_DATA_DIR; never downloads)")
     s.add_argument("--generator", default=None, choices=("exact", "coarse", "lti"))
     s.add_argument("--batch-size", type=int, default=None, help="victim batch B behind each gradient (>= 1)")
     s.add_argument("--steps", type=int, default=None, help="total training steps (>= 1); more than a saved "
@@ -441,10 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train_prior, check=validate_train_prior)
 
     s = sub.add_parser("attack", help="reconstruct held-out images from their leaked gradients")
-    s.add_argument("--method", required=True, help="dlg, idlg, ig, git, git+ig, git+dlg, analytic, rgap, april, ig+bn")
+    s.add_argument("--method", required=True, help="dlg, idlg, ig, git, git+ig, git+dlg, analytic, rgap, april, april-opt, ig+bn")
     s.add_argument("--victim", default="lenet", help="victim model (ignored for git*: taken from the prior)")
     s.add_argument("--data", default="patches", help="dataset of the held-out images (see gitjax datasets)")
-    s.add_argument("--data-dir", default=None, help="TFDS data folder for cifar10/imagenet (never downloads)")
+    s.add_argument("--data-dir", default=None,
+                   help="TFDS data folder for mnist, cifar10, cifar100, celeb_a, imagenet (the --data_dir of "
+                        "`tfds build`; never downloads)")
     s.add_argument("--split", default="test", help="train or test")
     s.add_argument("--checkpoint", default=None,
                    help="prior run dir for git, git+ig, git+dlg (an error for the other methods)")

@@ -99,6 +99,17 @@ def test_tfds_dataset_not_prepared_names_the_real_flag(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_prior_data_dir_reaches_the_loader(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", "/unused")  # restored after the test (the CLI sets it from --data-dir)
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    rc = main(["--quiet", "train-prior", "--workdir", str(tmp_path / "w"), "--preset", "tiny", "--data", "cifar10",
+               "--data-dir", str(data_dir)])
+    assert rc == 2
+    _one_error_line(capsys, "cifar10", f"data_dir searched: '{data_dir}'", "--data-dir")
+    assert not (tmp_path / "w").exists()
+
+
 def test_non_finite_leaked_gradient_is_one_line(monkeypatch, tmp_path, capsys):
     from gitjax import defenses
 
