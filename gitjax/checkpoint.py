@@ -42,6 +42,7 @@ from gitjax.types import GitjaxError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("state", "victim", "config", "meta")
+_WARNED: set[tuple[str, int]] = set()  # (directory, step) already reported as broken in this process
 
 
 class CheckpointError(GitjaxError):
@@ -135,7 +136,6 @@ class PriorCheckpointer:
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
             create=not read_only, read_only=read_only,
         )
-        self._warned: set[int] = set()
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as e:  # noqa: BLE001 - any orbax failure becomes one clear error
@@ -177,10 +177,10 @@ class PriorCheckpointer:
         return None
 
     def _warn_skip(self, skipped: list[tuple[int, str]], used: int) -> None:
-        """One warning line per broken step passed over on the way to step ``used`` (once per step)."""
+        """One warning line per broken step passed over on the way to step ``used`` (once per process)."""
         for step, problem in skipped:
-            if step not in self._warned:
-                self._warned.add(step)
+            if (str(self.directory), step) not in _WARNED:
+                _WARNED.add((str(self.directory), step))
                 warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
                               f"using step {used}", CheckpointFallbackWarning, stacklevel=4)
 
