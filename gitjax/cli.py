@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train_prior, check=validate_train_prior)
 
     s = sub.add_parser("attack", help="reconstruct held-out images from their leaked gradients")
-    s.add_argument("--method", required=True, help="dlg, idlg, ig, git, git+ig, git+dlg, analytic, rgap, april, april-opt, ig+bn")
+    s.add_argument("--method", required=True,
+                   help="dlg, idlg, ig, git, git+ig, git+dlg, analytic, rgap, april, april-opt, ig+bn")
     s.add_argument("--victim", default="lenet", help="victim model (ignored for git*: taken from the prior)")
     s.add_argument("--data", default="patches", help="dataset of the held-out images (see gitjax datasets)")
     s.add_argument("--data-dir", default=None,

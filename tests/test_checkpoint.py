@@ -79,6 +79,7 @@ def test_no_good_step_is_one_clear_error(tmp_path):
     shutil.rmtree(tmp_path / "1")
     (tmp_path / "1").mkdir()
     with PriorCheckpointer(tmp_path, read_only=True) as ckpt:
-        with pytest.raises(CheckpointError, match="no usable checkpoint .* step 2: .*step 1: an empty step folder") as e:
+        with pytest.raises(CheckpointError, match="no usable checkpoint .* step 2: .*step 1: an empty step folder") \
+                as e:
             ckpt.restore(None, *_abstract(_trees(0)))
     assert "\n" not in str(e.value)
