@@ -5,7 +5,7 @@
   gitjax demo                        full offline demo on embedded data
   gitjax train-prior ...             train a GIT prior (generator) offline
   gitjax attack --method M ...       reconstruct held-out images from their gradients
-  gitjax experiment NAME ...         robustness study (see experiments/)
+  gitjax experiment NAME ...         robustness study (gitjax.study; 'gitjax experiment list')
   gitjax bench NAME                  run a benchmark script from benchmarks/
 """
 
@@ -247,9 +247,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace, rest: list[str]) -> int:
+    """``gitjax.study.main``: exit status 1 when any run of the experiment failed."""
     from gitjax.study import main as study_main
 
-    return study_main([args.name, *rest]) or 0
+    return study_main([args.name, *rest])
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
