@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    _, truth, recon = evaluate_prior(Path(args.workdir), args.num_images, args.seed)
+    _, truth, recon, _ = evaluate_prior(Path(args.workdir), args.num_images, args.seed)
     truth, recon = np.asarray(truth, np.float64), np.asarray(recon, np.float64)
     colour = lambda x: np.broadcast_to(x.mean(axis=(1, 2), keepdims=True), x.shape)
     blurred = {s: blur(recon, s) for s in (1, 2, 3)}
