@@ -250,7 +250,7 @@ def cmd_experiment(args: argparse.Namespace, rest: list[str]) -> int:
     """``gitjax.study.main``: exit status 1 when any run of the experiment failed."""
     from gitjax.study import main as study_main
 
-    return study_main([args.name, *rest])
+    return study_main([args.name, *rest, *(["--quiet"] if args.quiet and "--quiet" not in rest else [])])
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:

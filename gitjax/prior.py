@@ -125,12 +125,12 @@ def abstract_train_state(config: Any, generator: nn.Module, abstract_victim_para
 
     tx = make_optimizer(config)
 
-    def init() -> Any:
-        grads_1 = jax.tree_util.tree_map(lambda p: jnp.zeros((1,) + p.shape, p.dtype), abstract_victim_params)
-        params = generator.init(jax.random.key(0, impl="rbg"), grads_1, abstract_victim_params)["params"]
+    def init(victim_params: Params) -> Any:
+        grads_1 = jax.tree_util.tree_map(lambda p: jnp.zeros((1,) + p.shape, p.dtype), victim_params)
+        params = generator.init(jax.random.key(0, impl="rbg"), grads_1, victim_params)["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params), jax.random.PRNGKey(0))
 
-    return jax.eval_shape(init)
+    return jax.eval_shape(init, abstract_victim_params)
 
 
 def load_prior(path: str | Path, step: int | None = None) -> Prior:

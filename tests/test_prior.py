@@ -18,14 +18,14 @@ from gitjax.victims import make_victim
 TINY = PRESETS["tiny"]
 
 
-def _hand_built_prior(seed: int) -> Prior:
-    victim = make_victim(TINY.victim, input_shape=(32, 32, 3), **dict(TINY.victim_kwargs))
+def _hand_built_prior(seed: int, config=TINY) -> Prior:
+    victim = make_victim(config.victim, input_shape=(32, 32, 3), **dict(config.victim_kwargs))
     params, state = jax.jit(victim.init)(jax.random.key(0))
-    generator = build_generator(TINY.generator, victim, params)
+    generator = build_generator(config.generator, victim, params)
     grads_1 = jax.tree_util.tree_map(lambda p: jnp.zeros((1,) + p.shape, p.dtype), params)
     # jit: an eager Flax init runs op by op (~50 s on a shared 2-core CPU); rbg keys compile fast.
     gen_params = jax.jit(generator.init)(jax.random.key(seed, impl="rbg"), grads_1, params)["params"]
-    return Prior(gen_params, params, state, generator, victim, TINY)
+    return Prior(gen_params, params, state, generator, victim, config)
 
 
 def _leaves(t):
@@ -52,6 +52,17 @@ def test_save_load_round_trip_and_jitted_attack(tmp_path):
     grads_N = jax.tree_util.tree_map(lambda g: jnp.stack([g, 2 * g]), grads)
     out_N = jax.jit(jax.vmap(gitjax.attack, in_axes=(None, 0)))(loaded, grads_N)
     np.testing.assert_allclose(np.asarray(out_N[0]), np.asarray(out), rtol=1e-5, atol=1e-6)
+
+
+def test_load_prior_of_an_exact_generator(tmp_path):
+    """Exact-GIT's init computes with the victim params: the abstract state must trace them (eval_shape args)."""
+    import dataclasses
+
+    exact = TINY.replace(generator=dataclasses.replace(TINY.generator, kind="exact"))
+    prior = _hand_built_prior(1, exact)
+    loaded = load_prior(save_prior(prior, tmp_path / "run"))
+    assert loaded.config.generator.kind == "exact"
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(prior.gen_params), _leaves(loaded.gen_params)))
 
 
 def test_load_prior_is_not_cached(tmp_path):
