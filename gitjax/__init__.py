@@ -7,7 +7,8 @@ Public API (imported lazily so ``gitjax --help`` starts fast)::
     gitjax.build_generator(GeneratorConfig, victim, params)
     gitjax.train_prior(TrainConfig, workdir) / gitjax.load_prior(workdir)
     gitjax.attack(prior, grads)                   GIT one-shot, pure (jit / vmap it)
-    gitjax.run_attack(name, AttackProblem, key)   every registered attack
+    gitjax.run_attack(name, AttackProblem, key)   every registered attack (gitjax.attacks.ATTACKS)
+    gitjax.run_pipeline(method, attacker, x, y, key)  leak -> defend -> attack -> score (+ oracle rows)
     gitjax.evaluate(recon, truth)                 PSNR / SSIM / MSE with matching
 """
 
@@ -56,6 +57,7 @@ _EXPORTS = {
     "AttackProblem": "gitjax.attacks",
     "run_attack": "gitjax.attacks",
     "evaluate": "gitjax.metrics",
+    "run_pipeline": "gitjax.pipeline",
     "load_dataset": "gitjax.data",
 }
 

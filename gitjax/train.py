@@ -106,6 +106,11 @@ class TrainResult:
     config: TrainConfig
     workdir: Path
 
+    @property
+    def prior(self) -> Prior:
+        """The trained prior (EMA params) as attacks take it, without reloading from disk."""
+        return Prior(self.params, self.victim_params, self.victim_state, self.generator, self.victim, self.config)
+
 
 # ----------------------------------------------------------------------------- pure pieces
 
