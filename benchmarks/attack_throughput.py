@@ -93,24 +93,25 @@ def bench_iterative(method: str, victim_name: str, steps: int, m: int, repeats: 
 def bench_git_one_shot(victim_name: str, m: int, repeats: int, checkpoint: str = "") -> dict | None:
     try:
         from gitjax.attacks import git
-        from gitjax.attacks.base import AttackProblem, run_attack
+        from gitjax.attacks.base import AttackProblem, Hints, run_attack
         from gitjax.generators import GeneratorConfig, build_generator
+        from gitjax.prior import Prior, load_prior
     except ImportError as e:  # GIT not available in this checkout
         print(f"# GIT one-shot timing skipped: {e}")
         return None
     victim, params, state, g_M, y_MxB = _problems(victim_name, m)
     slices = [jax.tree.map(lambda a: a[i], g_M) for i in range(m)]
     if checkpoint:
-        loaded = git.load(checkpoint)
-        prior = loaded.prior
+        prior = load_prior(checkpoint)
         cfg = git.GITConfig(checkpoint=checkpoint)
-        problems = [AttackProblem(victim, loaded.prior.victim_params, state, g, 1, y_MxB[i])
+        git_hints = Hints(prior=prior)  # load once, not once per problem
+        problems = [AttackProblem(victim, prior.victim_params, state, g, 1, y_MxB[i])
                     for i, g in enumerate(slices)]
-        run_one = lambda p: run_attack("git", p, jax.random.key(0), cfg).images
+        run_one = lambda p: run_attack("git", p, jax.random.key(0), cfg, git_hints).images
     else:
         gen = build_generator(GeneratorConfig(kind="coarse", batch_size=1), victim, params)
         gen_params = jax.jit(gen.init)(jax.random.key(4), g_M, params)["params"]
-        prior = git.Prior(gen, gen_params, params)
+        prior = Prior(gen_params, params, state, gen, victim)
         problems = [AttackProblem(victim, params, state, g, 1, y_MxB[i]) for i, g in enumerate(slices)]
         run_one = lambda p: git.run(p, jax.random.key(0), git.GITConfig(), prior=prior).images
     batched = jax.jit(jax.vmap(git.attack, in_axes=(None, 0)))

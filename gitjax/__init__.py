@@ -7,7 +7,8 @@ Public API (imported lazily so ``gitjax --help`` starts fast)::
     gitjax.build_generator(GeneratorConfig, victim, params)
     gitjax.train_prior(TrainConfig, workdir) / gitjax.load_prior(workdir)
     gitjax.attack(prior, grads)                   GIT one-shot, pure (jit / vmap it)
-    gitjax.run_attack(name, AttackProblem, key)   every registered attack
+    gitjax.run_attack(name, AttackProblem, key)   every registered attack (gitjax.attacks.ATTACKS)
+    gitjax.run_pipeline(method, attacker, x, y, key)  leak -> defend -> attack -> score (+ oracle rows)
     gitjax.evaluate(recon, truth)                 PSNR / SSIM / MSE with matching
     gitjax.configure_xla_cpu()                    the XLA:CPU workaround the CLI uses (call first)
 """
@@ -67,12 +68,15 @@ _EXPORTS = {
     "build_generator": "gitjax.generators",
     "TrainConfig": "gitjax.configs",
     "train_prior": "gitjax.train",
-    "load_prior": "gitjax.train",
-    "attack": "gitjax.attacks.git",
-    "Prior": "gitjax.attacks.git",
+    "load_prior": "gitjax.prior",
+    "attack": "gitjax.prior",
+    "Prior": "gitjax.prior",
+    "save_prior": "gitjax.prior",
+    "check_gradients": "gitjax.prior",
     "AttackProblem": "gitjax.attacks",
     "run_attack": "gitjax.attacks",
     "evaluate": "gitjax.metrics",
+    "run_pipeline": "gitjax.pipeline",
     "load_dataset": "gitjax.data",
 }
 

@@ -5,7 +5,7 @@
   gitjax demo                        full offline demo on embedded data
   gitjax train-prior ...             train a GIT prior (generator) offline
   gitjax attack --method M ...       reconstruct held-out images from their gradients
-  gitjax experiment NAME ...         robustness study (see experiments/)
+  gitjax experiment NAME ...         robustness study (gitjax.study; 'gitjax experiment list')
   gitjax bench NAME                  run a benchmark script from benchmarks/
 """
 
@@ -200,94 +200,88 @@ class AttackJob:
     data_dir: str | None = None
 
 
-def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:
-    """Attacks ``num_images // batch_size`` leaked gradients of held-out images; writes PNG + JSON."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from tqdm import tqdm
-
-    from gitjax import leakage, metrics, viz
-    from gitjax.attacks import AttackProblem, get_attack
-    from gitjax.attacks import git as git_attack
-    from gitjax.data import load_dataset
-    from gitjax.defenses import make_defense
-    from gitjax.victims import make_victim
+def attack_config(job: AttackJob) -> Any:
+    """The method's config for ``job``: defaults, ``--steps`` for iterative methods (the refinement of git+*)."""
+    from gitjax.attacks import get_attack
+    from gitjax.pipeline import default_refine_config
 
     spec = get_attack(job.method)
-    if job.method.startswith("git"):
+    config = spec.config_cls()
+    if spec.family == "learned":
+        config = dataclasses.replace(config, checkpoint=job.checkpoint)
+        if spec.refine:
+            sub = default_refine_config(spec.refine)
+            if job.steps is not None:
+                sub = dataclasses.replace(sub, steps=job.steps)
+            config = dataclasses.replace(config, refine_config=sub)
+    elif job.steps is not None and hasattr(config, "steps"):
+        config = dataclasses.replace(config, steps=job.steps)
+    return config
+
+
+def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:
+    """Attacks ``num_images // batch_size`` leaked gradients of held-out images (``gitjax.pipeline``);
+    writes reconstruction.png, metrics.json and table.md (the method and the oracle rows)."""
+    import jax
+    import numpy as np
+
+    from gitjax import viz
+    from gitjax.attacks import get_attack
+    from gitjax.data import load_dataset
+    from gitjax.pipeline import attacker_from_dataset, attacker_from_prior, run_pipeline
+    from gitjax.prior import load_prior
+
+    spec = get_attack(job.method)
+    if spec.family == "learned":
         if not job.checkpoint:
             raise GitjaxError(f"--method {job.method} needs --checkpoint <prior run dir> (from gitjax train-prior)")
-        loaded = git_attack.load(job.checkpoint)
-        victim, params, state = loaded.victim, loaded.prior.victim_params, loaded.victim_state
-        # Smallest fix for the missing git_attack.config_for (AttributeError before): the GIT config
-        # built here. To be superseded by the pipeline's method registry (issue 11, item 1).
-        config = spec.config_cls(checkpoint=job.checkpoint)
-        refine = job.method.partition("+")[2]
-        if job.steps is not None and refine:
-            sub = get_attack(refine).config_cls()
-            if refine == "ig":
-                sub = dataclasses.replace(sub, lr=0.05)  # git.run's default for refining (see there)
-            config = dataclasses.replace(config, refine_config=dataclasses.replace(sub, steps=job.steps))
+        attacker = attacker_from_prior(load_prior(job.checkpoint))
     else:
-        ds_train = load_dataset(job.data, "train", data_dir=job.data_dir)
-        victim = make_victim(job.victim, input_shape=ds_train.image_shape, num_classes=ds_train.num_classes,
-                             mean=ds_train.mean, std=ds_train.std)
-        params, state = victim.init(jax.random.key(job.seed))
-        config = spec.config_cls()
-        if job.steps is not None and hasattr(config, "steps"):
-            config = dataclasses.replace(config, steps=job.steps)
+        attacker = attacker_from_dataset(job.victim, job.data, job.seed, data_dir=job.data_dir)
+    config = attack_config(job)
+    victim = attacker.victim
     ds = load_dataset(job.data, job.split, image_size=victim.input_shape[0], channels=victim.input_shape[2],
                       data_dir=job.data_dir)
     b = job.batch_size
-    n_problems = job.num_images // b  # validate_attack: num_images is a positive multiple of b
-    if n_problems * b > len(ds):
-        raise GitjaxError(f"{job.data}/{job.split} has {len(ds)} images; --num-images {n_problems * b} asks for "
+    n = job.num_images // b  # validate_attack: num_images is a positive multiple of b
+    if n * b > len(ds):
+        raise GitjaxError(f"{job.data}/{job.split} has {len(ds)} images; --num-images {n * b} asks for "
                           f"more: pass --num-images <= {len(ds) // b * b}")
-    defense = make_defense(job.defense, **job.defense_args)
-    grad_fn = jax.jit(lambda p, s, x, y: leakage.batch_grad(victim, p, s, x, y))
-    key = jax.random.key(job.seed)
-    truths, recons, label_acc, infos, curves = [], [], [], [], []
-    for i in tqdm(range(n_problems), desc=f"attack {job.method}", disable=not progress):
-        key, k_def, k_att = jax.random.split(key, 3)
-        x = jnp.asarray(ds.images[i * b:(i + 1) * b])
-        y = jnp.asarray(ds.labels[i * b:(i + 1) * b])
-        grads = defense(k_def, grad_fn(params, state, x, y))
-        validate.finite_gradients(grads, f"batch {i} (images {i * b}..{(i + 1) * b - 1})")
-        problem = AttackProblem(victim, params, state, grads, batch_size=b, labels=None)
-        kw = {"x_true": x} if job.plot else {}
-        res = spec.run(problem, k_att, config, **kw)
-        truths.append(np.asarray(x))
-        recons.append(np.asarray(res.images))
-        label_acc.append(float(metrics.label_multiset_accuracy(jnp.asarray(res.labels), y)))
-        infos.append({k: v for k, v in res.info.items() if k != "psnr_history"})
-        if "psnr_history" in res.info:
-            curves.append(np.asarray(res.info["psnr_history"]))
-    truth = np.concatenate(truths)
-    recon = np.concatenate(recons)
-    # Within a batch the order of reconstructions is unknown: match per batch.
-    per_batch = [metrics.evaluate(r, t, match=b > 1) for r, t in zip(recons, truths)]
-    recon_matched = np.concatenate([r[np.asarray(m["permutation"])] for r, m in zip(recons, per_batch)])
+    x_NxB = ds.images[: n * b].reshape(n, b, *ds.image_shape)
+    y_NxB = (np.asarray(ds.labels[: n * b]) % victim.num_classes).astype(np.int32).reshape(n, b)
+    if progress:
+        print(f"attacking {n} leaked gradient(s) of {b} image(s) with {job.method}", file=sys.stderr)
+    res = run_pipeline(job.method, attacker, x_NxB, y_NxB, jax.random.key(job.seed), config=config,
+                       defense=job.defense, defense_args=job.defense_args, record_truth=job.plot)
+    rec, sc = res.reconstruction, res.scores
+    truth = x_NxB.reshape(-1, *ds.image_shape)
+    perm = sc["permutation_NxB"]
+    recon_matched = np.concatenate([r[np.asarray(p)] for r, p in zip(rec.images, perm)])
+    grad_distance = rec.info.get("grad_distance")
     summary = {
         "method": job.method, "victim": victim.name, "data": f"{job.data}/{job.split}", "images": len(truth),
         "batch_size": b, "defense": job.defense, **{f"defense_{k}": v for k, v in job.defense_args.items()},
-        "psnr": float(np.mean([m["psnr"] for m in per_batch])),
-        "ssim": float(np.mean([m["ssim"] for m in per_batch])),
-        "mse": float(np.mean([m["mse"] for m in per_batch])),
-        "label_acc": float(np.mean(label_acc)),
-        "seconds_per_batch": float(np.mean([i.get("seconds", np.nan) for i in infos])),
-        "iterations": infos[0].get("iterations"),
-        "grad_distance": float(np.mean([i.get("grad_distance", np.nan) for i in infos])),
+        "psnr": sc["psnr"], "ssim": sc["ssim"], "mse": sc["mse"], "label_acc": sc["label_acc"],
+        "seconds_per_batch": rec.info["seconds"] / n, "iterations": rec.info["iterations"],
+        "grad_distance": float(np.mean(np.asarray(grad_distance, np.float64))) if grad_distance is not None
+        else float("nan"),
     }
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     viz.save_grid(out / "reconstruction.png", [truth[:16], recon_matched[:16]], ["truth", job.method])
-    if curves:
-        its = np.arange(len(curves[0])) * max(1, (summary["iterations"] or len(curves[0])) // max(1, len(curves[0])))
-        viz.save_curve_plot(out / "convergence.png", {job.method: (its, np.mean(curves, axis=0))},
+    curves = rec.info.get("psnr")
+    if job.plot and curves is not None and np.ndim(curves) == 2 and np.shape(curves)[1] > 0:
+        every = max(1, summary["iterations"] // np.shape(curves)[1])
+        viz.save_curve_plot(out / "convergence.png", {job.method: (np.arange(np.shape(curves)[1]) * every,
+                                                                    np.mean(curves, axis=0))},
                             "iteration", "PSNR (dB)", f"{job.method} on {victim.name}")
-    detail = {"summary": summary, "per_batch": per_batch, "info": infos}
-    (out / "metrics.json").write_text(json.dumps(detail, indent=2, default=float))
+    table = viz.format_table(res.rows(job.method), ["method", "psnr", "ssim", "mse"])
+    (out / "table.md").write_text(table + "\n")
+    per_image = {k: sc[k] for k in ("psnr_per_image", "ssim_per_image", "mse_per_image", "permutation_NxB")}
+    detail = {"summary": summary, "oracles": sc["oracles"], "per_image": per_image,
+              "info": {k: v for k, v in rec.info.items() if k not in ("psnr", "loss")}}
+    (out / "metrics.json").write_text(json.dumps(detail, indent=2, default=_json_default))
+    summary["table"] = table
     return summary
 
 
@@ -320,6 +314,16 @@ def validate_attack(args: argparse.Namespace) -> None:
         validate.prior_batch_size(args.checkpoint, args.batch_size)
 
 
+def _json_default(v: Any) -> Any:
+    import numpy as np
+
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    return str(v)
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from gitjax.viz import format_table
 
@@ -329,7 +333,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
                     args.steps, args.checkpoint or "", args.defense,
                     _parse_kv(args.defense_arg) if kwargs is None else kwargs, out, args.plot, args.data_dir)
     summary = run_attack_job(job, progress=not args.quiet)
+    table = summary.pop("table")
     print(format_table([summary]))
+    print(table)
     print(f"wrote {out}/reconstruction.png and {out}/metrics.json")
     return 0
 
@@ -372,6 +378,7 @@ def experiment_exit_code(result: Any) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace, rest: list[str]) -> int:
+    """``gitjax.study.main``: exit status 1 when any run of the experiment failed."""
     from gitjax.study import main as study_main
 
     return experiment_exit_code(study_main([args.name, *rest]))

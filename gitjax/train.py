@@ -22,7 +22,7 @@ is sharded, params and optimiser state replicated, XLA adds the all-reduce.
 Public API::
 
     result = train_prior(config, workdir)                 # -> TrainResult
-    prior = load_prior(workdir)                            # -> Prior (generator, gen_params=EMA, victim, victim_params, config)
+    prior = load_prior(workdir)                            # -> gitjax.prior.Prior (EMA gen params, victim, ...)
 
 The attacker's victim params are drawn from ``config.seed`` (optionally trained
 ``victim_pretrain_steps`` SGD steps on the auxiliary train split) and saved with
@@ -39,7 +39,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from gitjax import parallel
 from gitjax.checkpoint import (
@@ -56,7 +56,6 @@ from gitjax.checkpoint import (
     ConfigMismatchError,
     PriorCheckpointer,
     quiet_orbax_logs,
-    resolve_checkpoint_dir,
 )
 from gitjax.configs import (
     ConfigError,
@@ -68,6 +67,7 @@ from gitjax.configs import (
     get_preset,
 )
 from gitjax.leakage import batch_grad, leaked_group_grads
+from gitjax.prior import Prior, load_prior  # noqa: F401 - re-exported for compatibility
 from gitjax.types import Array, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim, make_victim
 
@@ -106,23 +106,10 @@ class TrainResult:
     config: TrainConfig
     workdir: Path
 
-
-class Prior(NamedTuple):
-    """A trained prior for the attack side; unpacks as (generator, gen_params, victim, victim_params, config).
-
-    ``gen_params`` are the EMA params. The victim's non-trainable state (BatchNorm
-    statistics, {} for most victims) is the extra attribute ``victim_state``.
-    """
-
-    generator: nn.Module
-    gen_params: Params
-    victim: Victim
-    victim_params: Params
-    config: TrainConfig
-
-
-class _LoadedPrior(Prior):
-    victim_state: ModelState  # set by load_prior (a NamedTuple subclass may carry attributes)
+    @property
+    def prior(self) -> Prior:
+        """The trained prior (EMA params) as attacks take it, without reloading from disk."""
+        return Prior(self.params, self.victim_params, self.victim_state, self.generator, self.victim, self.config)
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -607,49 +594,7 @@ def _restore_or_init(ckpt: PriorCheckpointer, config: TrainConfig, resume: bool,
 # ----------------------------------------------------------------------------- attack side
 
 
-def load_prior(path: str | Path, step: int | None = None) -> Prior:
-    """Loads a trained prior for attacks: (generator, EMA gen params, victim, victim params, config).
-
-    Args:
-      path: a run directory (``train_prior``'s workdir), its ``checkpoints/``
-        directory, or one step directory.
-      step: a saved step; default the one named by ``path`` or the latest.
-
-    Returns:
-      Prior (a NamedTuple; ``.victim_state`` holds the victim's non-trainable
-      state). Arrays live on the first local device.
-
-    Raises:
-      CheckpointError: nothing loadable at ``path``.
-    """
-    quiet_orbax_logs()
-    directory, path_step = resolve_checkpoint_dir(path)
-    step = path_step if step is None else step
-    explicit = step is not None  # a named step is strict; "latest" falls back past a broken newest step
-    with PriorCheckpointer(directory, max_to_keep=None, read_only=True) as ckpt:
-        if step is None:
-            step = ckpt.latest_step()
-            if step is None:
-                raise CheckpointError(f"no checkpoint found in {directory}")
-        try:
-            config = config_from_dict(ckpt.restore_config(step))
-        except ConfigError as e:
-            raise CheckpointError(f"checkpoint {directory / str(step)} holds an unreadable config: {e}") from e
-        vm = ckpt.restore_meta(step).get("victim")
-        if not vm:
-            raise CheckpointError(f"checkpoint {directory / str(step)} has no victim spec in its meta item")
-        victim = build_victim(config, vm["input_shape"], vm["num_classes"], vm["mean"], vm["std"])
-        device = SingleDeviceSharding(jax.local_devices()[0])
-        place = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)  # noqa: E731
-        abstract_victim = _abstract_victim(victim)
-        generator = _build_generator(config, victim, abstract_victim["params"])
-        init, _, _ = _make_fns(config, victim, generator, abstract_victim["params"])
-        abstract_state = jax.eval_shape(init, jnp.int32(0), abstract_victim["params"])
-        state, victim_tree, _ = ckpt.restore(step if explicit else None, jax.tree_util.tree_map(place, abstract_state),
-                                             jax.tree_util.tree_map(place, abstract_victim))
-    prior = _LoadedPrior(generator, state.ema_params, victim, victim_tree["params"], config)
-    prior.victim_state = victim_tree["state"]
-    return prior
+# ``load_prior`` and ``Prior`` live in gitjax.prior (the attack side needs no trainer); re-exported here.
 
 
 # ----------------------------------------------------------------------------- entry point

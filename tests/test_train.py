@@ -139,7 +139,8 @@ def test_global_batch_must_split_over_devices(tmp_path):
 
 def test_load_prior_returns_ema_params_and_victim(straight):
     prior = load_prior(straight.workdir)
-    generator, gen_params, victim, victim_params, config = prior
+    generator, gen_params, victim, victim_params, config = (prior.generator, prior.gen_params, prior.victim,
+                                                            prior.victim_params, prior.config)
     assert config == TINY and victim.name == TINY.victim
     for x, y in zip(_leaves(gen_params), _leaves(straight.params)):
         assert np.array_equal(x, y)

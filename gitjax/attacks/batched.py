@@ -17,23 +17,25 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gitjax.attacks.dlg import dlg_reconstruct
-from gitjax.attacks.ig import ig_reconstruct
 from gitjax.layout import GradientLayout, check_finite
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
 
-_METHODS: dict[str, Callable[..., tuple[Array, dict[str, Array]]]] = {
-    "dlg": dlg_reconstruct,
-    "idlg": dlg_reconstruct,  # with labels=None and soft_labels=False: recovered, then images only
-    "ig": ig_reconstruct,
-}
+def _reconstruct_fn(method: str) -> Callable[..., tuple[Array, dict[str, Array]]]:
+    """The registry's pure core of ``method`` (one signature for every vmappable attack)."""
+    from gitjax.attacks.registry import ATTACKS
+
+    spec = ATTACKS.get(method)
+    if spec is None or spec.reconstruct is None:
+        vmappable = sorted(n for n, s in ATTACKS.items() if s.reconstruct is not None)
+        raise GitjaxError(f"batched_attack supports {vmappable}; got {method!r}")
+    return spec.reconstruct
 
 
 @functools.lru_cache(maxsize=64)
 def _batched_fn(method: str, victim: Victim, config: Any, batch_size: int, has_labels: bool,
                 extra_names: tuple[str, ...], mesh: jax.sharding.Mesh | None):
-    reconstruct = _METHODS[method]
+    reconstruct = _reconstruct_fn(method)
 
     def one(params: Params, state: ModelState, g: Grads, y: Array | None, k: PRNGKey,
             extras: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
@@ -67,8 +69,7 @@ def batched_attack(method: str, victim: Victim, params: Params, state: ModelStat
     Returns:
       x_NxBxHxWxC and the reconstruct function's info arrays with a leading N axis.
     """
-    if method not in _METHODS:
-        raise GitjaxError(f"batched_attack supports {sorted(_METHODS)}; got {method!r}")
+    _reconstruct_fn(method)  # a clear error for a method without a pure core
     layout = GradientLayout.from_params(params)
     layout.check(grads_N)
     check_finite(grads_N)

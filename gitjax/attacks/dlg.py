@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
+from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.labels import estimate_mean_probs, recover_labels
 from gitjax.layout import GradientLayout
 from gitjax.leakage import as_probs, batch_grad
@@ -230,9 +230,3 @@ def run_idlg(problem: AttackProblem, key: PRNGKey, config: DLGConfig, x_init: Ar
     config = dataclasses.replace(config, soft_labels=False)
     return run_iterative(_dlg_jit, problem, key, config, recover_labels_always=True, x_init=x_init,
                          x_prior=x_prior, x_true=x_true, extra_loss=extra_loss)
-
-
-register("dlg", AttackSpec(run, DLGConfig, "honest-but-curious server; knows params and architecture",
-                           "Zhu, Liu, Han. Deep Leakage from Gradients. NeurIPS 2019"))
-register("idlg", AttackSpec(run_idlg, DLGConfig, "honest-but-curious server; knows params and architecture",
-                            "Zhao, Mopuri, Bilen. iDLG: Improved Deep Leakage from Gradients. arXiv 2001.02610, 2020"))

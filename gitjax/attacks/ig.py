@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
+from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.dlg import ExtraLoss, image_regularisers, infer_batch_size, run_iterative
 from gitjax.attacks.labels import estimate_mean_probs, recover_labels
 from gitjax.layout import GradientLayout
@@ -133,8 +133,3 @@ def run(problem: AttackProblem, key: PRNGKey, config: IGConfig, x_init: Array | 
     """Registry entry 'ig'; the keyword arguments carry GIT priors and ground truth for curves."""
     return run_iterative(_ig_jit, problem, key, config, x_init=x_init, x_prior=x_prior, x_true=x_true,
                          extra_loss=extra_loss)
-
-
-register("ig", AttackSpec(run, IGConfig, "honest-but-curious server; knows params and architecture",
-                          "Geiping, Bauermeister, Droege, Moeller. Inverting Gradients - How easy is it to break "
-                          "privacy in federated learning? NeurIPS 2020"))
