@@ -16,6 +16,7 @@ import typing
 from typing import Any, Callable, Mapping
 
 from gitjax.generators import GeneratorConfig
+from gitjax.stream import StreamConfig
 from gitjax.types import GitjaxError
 
 
@@ -95,15 +96,25 @@ class TrainConfig:
         many SGD steps on the auxiliary train split first (0: a freshly
         initialised model, round 0 of FL, as in DLG). The resulting parameters
         are saved with every checkpoint and used again at attack time.
-      dataset: auxiliary (public) data, gitjax.data.load_dataset name; "train"
-        feeds training, "test" the held-out evaluation pairs.
+      dataset: auxiliary (public) data, gitjax.data.load_dataset name. Its "train"
+        split minus the validation part (gitjax.data.split_validation: held-out
+        train photographs, or every 10th example) feeds training; the validation
+        part is evaluated during training and picks the best checkpoint; the
+        "test" split is evaluated at step 0 and at the end only (final numbers).
+      stream: the streaming training source (gitjax.stream.StreamConfig): with any
+        positive weight, every step draws fresh images (photo crops, dead leaves,
+        1/f noise, augmented dataset images) inside the jitted step from a key of
+        (seed, step); all weights 0 (the default) trains on the fixed examples of
+        the dataset's train split, indexed by (seed, step).
       generator: the generator (gitjax.generators.GeneratorConfig); its
         batch_size must equal ``victim_batch``.
       victim_batch: B, images behind one leaked gradient (the batch mean over B).
       global_batch: N, leaked gradients per training step over all devices and hosts.
-      steps, lr, warmup, schedule, end_lr_ratio: AdamW learning rate; "warmup_cosine"
+      steps, lr, warmup, schedule, end_lr_ratio, decay_at: AdamW learning rate; "warmup_cosine"
         ramps linearly over ``warmup`` steps to lr and decays by cosine to
-        lr * end_lr_ratio at ``steps``; "constant" keeps lr after the warm-up.
+        lr * end_lr_ratio at ``steps``; "constant" keeps lr after the warm-up;
+        "step" keeps lr and multiplies it by end_lr_ratio from step
+        ``decay_at * steps`` on (LTI's recipe: /10 at 75 %).
       weight_decay, grad_clip: AdamW decoupled weight decay; global-norm clipping (0: off).
       ema_decay: EMA of the generator params (0: EMA = current params); eval and
         ``load_prior`` use the EMA params.
@@ -120,8 +131,9 @@ class TrainConfig:
         from the head's gradient). No effect for B = 1.
       seed: everything random derives from it (victim init, generator init,
         per-step data indices, augmentation keys).
-      eval_gradients: held-out (gradient, images) pairs from the test split for
-        test loss / PSNR (rounded up to a multiple of the device count).
+      eval_gradients: held-out (gradient, images) pairs from the validation part
+        (val loss / PSNR) and from the test split (test loss / PSNR), each (rounded
+        up to a multiple of the device count).
       checkpoint_every, keep_checkpoints, log_every, eval_every: in steps (0: never;
         the last step always checkpoints, logs and evaluates).
     """
@@ -133,6 +145,7 @@ class TrainConfig:
     victim_pretrain_batch: int = 64
     dataset: str = "patches"
     generator: GeneratorConfig = dataclasses.field(default_factory=lambda: GeneratorConfig(kind="coarse"))
+    stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
     victim_batch: int = 1
     global_batch: int = 64
     steps: int = 2000
@@ -140,6 +153,7 @@ class TrainConfig:
     warmup: int = 100
     schedule: str = "warmup_cosine"
     end_lr_ratio: float = 0.01
+    decay_at: float = 0.75
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     ema_decay: float = 0.99
@@ -178,8 +192,20 @@ class TrainConfig:
         gen_b = getattr(self.generator, "batch_size", self.victim_batch)
         if gen_b != self.victim_batch:
             problems.append(f"generator.batch_size={gen_b} must equal victim_batch={self.victim_batch}")
-        if self.schedule not in ("warmup_cosine", "constant"):
-            problems.append(f"schedule must be 'warmup_cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in ("warmup_cosine", "constant", "step"):
+            problems.append(f"schedule must be 'warmup_cosine', 'constant' or 'step', got {self.schedule!r}")
+        if not 0.0 < self.decay_at <= 1.0:
+            problems.append(f"decay_at must be in (0, 1], got {self.decay_at}")
+        if not isinstance(self.stream, StreamConfig):
+            problems.append(f"stream must be a StreamConfig, got {type(self.stream).__name__}")
+        else:
+            problems += self.stream.problems()
+            from gitjax.data import VALIDATION_SOURCES
+
+            if self.stream.photos > 0 and self.dataset not in VALIDATION_SOURCES:
+                problems.append(f"stream.photos > 0 crops the source photos of a photo dataset "
+                                f"({', '.join(VALIDATION_SOURCES)}), not of {self.dataset!r}; "
+                                "use stream.dataset for other datasets")
         if self.warmup >= self.steps and self.schedule == "warmup_cosine":
             problems.append(f"warmup={self.warmup} must be < steps={self.steps}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -2,7 +2,8 @@
 
 A GIT prior trained on a fixed set of ~1.4k patches overfits (issue 10): data is the lever.
 This module draws an unlimited stream of training images as a pure function of a PRNG key
-(the trainer derives it from (seed, step), so a resumed run sees bit-identical data), mixing
+(the trainer derives it from its per-step key, a pure function of (seed, step), so a
+resumed run sees bit-identical data), mixing
 four components by ``StreamConfig`` weights:
 
 * ``photos``: random-resized crops of every bundled train photograph at full resolution
@@ -88,6 +89,8 @@ class StreamConfig:
     spectral_alpha: tuple[float, float] = (1.5, 2.5)
 
     def __post_init__(self) -> None:
+        for name in COMPONENTS + ("aspect", "jitter"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("crop_side", "dataset_crop", "leaf_radius", "spectral_alpha"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
@@ -130,9 +133,13 @@ def component_counts(config: StreamConfig, total: int) -> dict[str, int]:
     return {c: int(n) for c, n in zip(COMPONENTS, counts) if n > 0}
 
 
-def stream_key(seed: int | Array, step: int | Array) -> PRNGKey:
-    """The key of one step's images: a pure function of (seed, step) (traceable)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _STREAM_SALT), step)
+def stream_key(step_key: PRNGKey) -> PRNGKey:
+    """The key of one step's images, derived from the trainer's per-step key.
+
+    The trainer's key at step t is a pure function of (seed, t), so the images are too
+    (exact resume); folding in a salt keeps them independent of the step's other draws.
+    """
+    return jax.random.fold_in(step_key, _STREAM_SALT)
 
 
 def _uniform(key: PRNGKey, shape: tuple[int, ...], lo: float = 0.0, hi: float = 1.0) -> Array:
