@@ -334,13 +334,81 @@ def tiny() -> TrainConfig:
     )
 
 
+# Streamed training data of the converged LeNet presets: half random-resized crops of the six
+# train photographs, a quarter dead leaves, a quarter 1/f^alpha noise (gitjax.stream).
+STREAM_MIX = StreamConfig(photos=2.0, dead_leaves=1.0, spectral=1.0)
+
+
 def lenet_coarse() -> TrainConfig:
     """python -m gitjax.train --preset lenet_coarse --workdir runs/lenet_coarse
 
-    ~4 min (225 s) on 2 shared CPU cores, ~400 examples/s. Test MSE 0.111 -> 0.023
-    (PSNR 9.9 -> 17.5 dB) on held-out patches; it plateaus near 0.022 from step 500
-    (1.4k training patches: doubling the steps only overfits, 0.0234 at step 2000).
+    TIMING: 16000 steps x 64 = 1.02M streamed examples (no image seen twice). Expected
+    ~42 min on 2 dedicated CPU cores at the ~400 examples/s of the fixed-patches run
+    (the stream costs ~0.5 ms per 64 images); measured rates are in docs/results.md.
+    Expected, not yet measured at full length: validation / test PSNR rising past the
+    fixed-patches plateau (17.3 dB test); best checkpoint by validation PSNR (coffee).
     Coarse-GIT on the DLG LeNet, one image per gradient (the paper's main setting).
+    """
+    return TrainConfig(
+        victim="lenet",
+        generator=GeneratorConfig(kind="coarse", batch_size=1),
+        stream=STREAM_MIX,
+        victim_batch=1, global_batch=64, steps=16000, lr=1e-3, warmup=200,
+        eval_gradients=128, checkpoint_every=1000, log_every=100, eval_every=500,
+    )
+
+
+def lenet_exact() -> TrainConfig:
+    """python -m gitjax.train --preset lenet_exact --workdir runs/lenet_exact
+
+    TIMING: Exact-GIT on the streamed mix, 4000 steps x 32 = 128k examples; Exact-GIT's
+    inversions cost ~20x Coarse-GIT's per example on CPU, so 1M examples do not fit 45 min
+    until the throughput issue lands: expected, not yet measured, ~50 min on 2 cores.
+    The issue's 150-step run (4.8k fixed patches) reached 24 dB one-shot on unseen patches.
+    """
+    return dataclasses.replace(
+        lenet_coarse(), generator=GeneratorConfig(kind="exact", batch_size=1), global_batch=32, steps=4000,
+        warmup=100, checkpoint_every=500, log_every=50, eval_every=250,
+    )
+
+
+def lenet_lti() -> TrainConfig:
+    """python -m gitjax.train --preset lenet_lti --workdir runs/lenet_lti
+
+    TIMING: LTI (Wu et al. 2023) with its recipe on the same streamed data and as many
+    examples as lenet_coarse: the full flat gradient (no projection) into two hidden
+    layers of 1000 units (the paper's 3000: lenet_lti_paper, a GPU job), Adam 1e-4
+    (no weight decay, no clipping), batch 256, learning rate /10 at 75 %; 4000 steps x
+    256 = 1.02M examples. Expected, not yet measured: ~45 min on 2 cores (~20M
+    parameters, ~0.12 GFLOP per example).
+    """
+    from gitjax.generators.lti import CPU_HIDDEN, paper_config
+
+    return dataclasses.replace(
+        lenet_coarse(), generator=paper_config(1, hidden=CPU_HIDDEN), global_batch=256, steps=4000,
+        lr=1e-4, warmup=0, schedule="step", end_lr_ratio=0.1, decay_at=0.75, weight_decay=0.0, grad_clip=0.0,
+        checkpoint_every=500, log_every=50, eval_every=250,
+    )
+
+
+def lenet_lti_paper() -> TrainConfig:
+    """python -m gitjax.train --preset lenet_lti_paper --workdir runs/lenet_lti_paper
+
+    TIMING: lenet_lti with the paper's MLP-3000 (66M parameters, ~0.4 GFLOP per example):
+    for the GPU suite; expected, not yet measured (~2.5 h on 2 CPU cores).
+    """
+    from gitjax.generators.lti import paper_config
+
+    return dataclasses.replace(lenet_lti(), generator=paper_config(1))
+
+
+def lenet_patches() -> TrainConfig:
+    """python -m gitjax.train --preset lenet_patches --workdir runs/lenet_patches
+
+    ~4 min on 2 shared CPU cores, ~400 examples/s. The former lenet_coarse: Coarse-GIT on
+    LeNet trained on the fixed train patches (1161 without the validation photo), 1000 x 64
+    examples. Test PSNR 9.9 -> ~17.5 dB, plateauing from step 500 (measured with all seven
+    photos; more steps only overfit). The base of the fixed-data presets below.
     """
     return TrainConfig(
         victim="lenet",
@@ -359,14 +427,14 @@ def lenet_coarse_b4() -> TrainConfig:
     Coarse-GIT on LeNet with four images behind each batch-mean gradient.
     """
     return dataclasses.replace(
-        lenet_coarse(), generator=GeneratorConfig(kind="coarse", batch_size=4), victim_batch=4, global_batch=32,
+        lenet_patches(), generator=GeneratorConfig(kind="coarse", batch_size=4), victim_batch=4, global_batch=32,
     )
 
 
 def lenet_robust() -> TrainConfig:
     """python -m gitjax.train --preset lenet_robust --workdir runs/lenet_robust
 
-    lenet_coarse trained on perturbed gradients: Gaussian noise std in [0, 1e-2]
+    lenet_patches trained on perturbed gradients: Gaussian noise std in [0, 1e-2]
     and 0-50 % top-k pruning, each on half of the gradients, plus up to 5 %
     relative victim-parameter discrepancy (the paper's three robustness axes).
     ~13 min (773 s) on 2 shared CPU cores, ~100 examples/s (pruning sorts every
@@ -374,20 +442,10 @@ def lenet_robust() -> TrainConfig:
     lenet_coarse's 0.023 despite training on perturbed gradients.
     """
     return dataclasses.replace(
-        lenet_coarse(),
+        lenet_patches(),
         perturbations=(perturb("gaussian", std=(0.0, 1e-2), prob=0.5), perturb("prune", ratio=(0.0, 0.5), prob=0.5)),
         param_discrepancy=(0.0, 0.05),
     )
-
-
-def lenet_lti() -> TrainConfig:
-    """python -m gitjax.train --preset lenet_lti --workdir runs/lenet_lti
-
-    ~2.5 min (158 s) on 2 shared CPU cores. Test MSE 0.126 -> 0.083 (PSNR 11.6 dB),
-    far behind Coarse-GIT's 0.023 with the same data and steps.
-    The LTI baseline (Wu et al. 2023: one MLP from the flat gradient to the image) on LeNet.
-    """
-    return dataclasses.replace(lenet_coarse(), generator=GeneratorConfig(kind="lti", batch_size=1))
 
 
 def resnet8_coarse() -> TrainConfig:
@@ -398,12 +456,13 @@ def resnet8_coarse() -> TrainConfig:
     Coarse-GIT on a small GroupNorm ResNet (per-example gradients stay per-example).
     """
     return dataclasses.replace(
-        lenet_coarse(), victim="resnet8", victim_kwargs=(("norm", "group"),), global_batch=32,
+        lenet_patches(), victim="resnet8", victim_kwargs=(("norm", "group"),), global_batch=32,
     )
 
 
 _PRESET_FNS: tuple[Callable[[], TrainConfig], ...] = (
-    tiny, lenet_coarse, lenet_coarse_b4, lenet_robust, lenet_lti, resnet8_coarse,
+    tiny, lenet_coarse, lenet_exact, lenet_lti, lenet_lti_paper, lenet_patches, lenet_coarse_b4, lenet_robust,
+    resnet8_coarse,
 )
 
 PRESETS: dict[str, TrainConfig] = {f.__name__: f() for f in _PRESET_FNS}

@@ -6,15 +6,24 @@ G(g(x)) ~ x with a pixel MSE. This module is that one trainer, read top to
 bottom: mesh / input / model / shard / checkpoint / step / eval / loop.
 
 Each step:
-  1. draws N*B auxiliary images; the indices are a pure function of (seed, step),
-     so a resumed run sees exactly the data of an uninterrupted one, whatever
-     the number of hosts; each process materialises only its own rows;
+  1. draws N*B auxiliary images: fixed examples of the dataset's train split
+     (minus its validation part) at indices that are a pure function of (seed,
+     step), each process materialising only its own rows; or, with
+     ``config.stream``, fresh images generated inside the jitted step from the
+     step's key (gitjax.stream). Either way a resumed run sees exactly the data
+     of an uninterrupted one, whatever the number of hosts;
   2. computes the N leaked gradients inside the jitted step, each the batch mean
      over its group of B images (``vmap(batch_grad)`` over N), at the
      attacker's copy of the victim params, optionally perturbed (parameter
      discrepancy) and then augmented with defences (noise, pruning, ...);
   3. regresses G's output to the images (MSE + optional TV), AdamW with
      warmup-cosine and global-norm clipping, and keeps an EMA of G's params.
+
+Evaluation: the EMA generator on fixed validation pairs (held-out train photographs,
+gitjax.data.split_validation) every ``eval_every`` steps; the step with the best
+validation PSNR is also saved to ``workdir/best/`` (``best.json`` names it, and
+``load_prior`` loads it by default); the test split is evaluated at step 0 and at the
+end only (final EMA params and best params: ``test_*`` and ``best_test_*``).
 
 Data parallel: one ``jax.jit`` over a 1-D ("data",) mesh; the N axis of the batch
 is sharded, params and optimiser state replicated, XLA adds the all-reduce.
