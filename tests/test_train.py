@@ -136,6 +136,30 @@ def test_stream_resume_is_bit_identical(tmp_path):
     assert resumed.history[-1]["best_test_psnr"] == straight_run.history[-1]["best_test_psnr"]
 
 
+# Stream vs fixed examples at equal steps (tiny victim and generator, N=16, 150 steps, one
+# device, seeds 0-2) on the smallest embedded set, faces: 144 fixed training images are seen
+# ~17 times each in 2400 examples, so the fixed run overfits while the stream (random-resized
+# crops, flips, jitter of the same images: never the same image twice) does not. Measured mean
+# validation MSE (all 16 validation faces): fixed 0.0227, stream 0.0182 (20 % lower; per seed
+# 0.021/0.016/0.031 vs 0.017/0.017/0.020). The test asks for >= 5 % lower.
+STREAM_VS_FIXED_MARGIN = 0.05
+
+
+def test_stream_beats_fixed_examples_at_equal_steps(tmp_path):
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    base = TINY.replace(dataset="faces", global_batch=16, steps=150, warmup=10, ema_decay=0.9,
+                        eval_gradients=16, eval_every=0, log_every=0)
+    losses = {"fixed": [], "stream": []}
+    for seed in range(3):
+        for arm, stream_cfg in (("fixed", StreamConfig()), ("stream", StreamConfig(dataset=1.0))):
+            r = train_prior(base.replace(seed=seed, stream=stream_cfg), tmp_path / f"{arm}{seed}",
+                            progress=False, mesh=mesh)
+            losses[arm].append(r.history[-1]["val_loss"])
+    fixed, streamed = np.mean(losses["fixed"]), np.mean(losses["stream"])
+    print(f"mean validation MSE over 3 seeds: fixed {fixed:.4f}, stream {streamed:.4f}")
+    assert streamed < (1.0 - STREAM_VS_FIXED_MARGIN) * fixed, losses
+
+
 def test_sharded_matches_single_device(tmp_path):
     assert jax.device_count() == 8
     one = train_prior(TINY, tmp_path / "one", progress=False, until_step=K,
