@@ -342,11 +342,16 @@ STREAM_MIX = StreamConfig(photos=2.0, dead_leaves=1.0, spectral=1.0)
 def lenet_coarse() -> TrainConfig:
     """python -m gitjax.train --preset lenet_coarse --workdir runs/lenet_coarse
 
-    TIMING: 16000 steps x 64 = 1.02M streamed examples (no image seen twice). Expected
-    ~42 min on 2 dedicated CPU cores at the ~400 examples/s of the fixed-patches run
-    (the stream costs ~0.5 ms per 64 images); measured rates are in docs/results.md.
-    Expected, not yet measured at full length: validation / test PSNR rising past the
-    fixed-patches plateau (17.3 dB test); best checkpoint by validation PSNR (coffee).
+    16000 steps x 64 = 1.02M streamed examples (no image seen twice); the best checkpoint
+    by validation PSNR (coffee patches) is what load_prior returns.
+    Time: measured 3.16 CPU-seconds per 1000 examples (a 400-step run, 2 cores shared
+    by ~20 processes: 69 examples/s wall there), 12 % more than the fixed patches' 2.81
+    (the stream's own cost); 1.02M examples are ~54 CPU-minutes, i.e. <= 45 min wall on 2
+    dedicated cores when both are kept busy (~27 min at full use); not yet run end to end.
+    PSNR: expected, not yet measured at full length. Measured at 400 steps (25.6k
+    examples, cosine to 400): val 17.24 / test 16.15 dB vs 17.37 / 16.61 dB on the fixed
+    patches at equal steps; the fixed patches overfit from ~1500 steps on (issue 10:
+    17.3 dB test at 1500 steps and falling; crops of the same photos: 19.6 dB at 6000).
     Coarse-GIT on the DLG LeNet, one image per gradient (the paper's main setting).
     """
     return TrainConfig(
@@ -361,10 +366,11 @@ def lenet_coarse() -> TrainConfig:
 def lenet_exact() -> TrainConfig:
     """python -m gitjax.train --preset lenet_exact --workdir runs/lenet_exact
 
-    TIMING: Exact-GIT on the streamed mix, 4000 steps x 32 = 128k examples; Exact-GIT's
-    inversions cost ~20x Coarse-GIT's per example on CPU, so 1M examples do not fit 45 min
-    until the throughput issue lands: expected, not yet measured, ~50 min on 2 cores.
-    The issue's 150-step run (4.8k fixed patches) reached 24 dB one-shot on unseen patches.
+    Exact-GIT on the streamed mix, 4000 steps x 32 = 128k examples. Exact-GIT's
+    inversions cost ~10x Coarse-GIT's per example on CPU (issue 10: 150 x 32 examples in
+    2 min), so 1M examples do not fit 45 min until the throughput work lands; size the
+    steps up then. Time and PSNR: expected, not yet measured (~50 min on 2 cores). The
+    issue's 150-step run on fixed patches reached 24 dB one-shot on unseen patches.
     """
     return dataclasses.replace(
         lenet_coarse(), generator=GeneratorConfig(kind="exact", batch_size=1), global_batch=32, steps=4000,
@@ -375,12 +381,16 @@ def lenet_exact() -> TrainConfig:
 def lenet_lti() -> TrainConfig:
     """python -m gitjax.train --preset lenet_lti --workdir runs/lenet_lti
 
-    TIMING: LTI (Wu et al. 2023) with its recipe on the same streamed data and as many
-    examples as lenet_coarse: the full flat gradient (no projection) into two hidden
-    layers of 1000 units (the paper's 3000: lenet_lti_paper, a GPU job), Adam 1e-4
-    (no weight decay, no clipping), batch 256, learning rate /10 at 75 %; 4000 steps x
-    256 = 1.02M examples. Expected, not yet measured: ~45 min on 2 cores (~20M
-    parameters, ~0.12 GFLOP per example).
+    LTI (Wu et al. 2023) with its recipe on the same streamed data and as many
+    examples as lenet_coarse: the full flat gradient (15.8k entries, no projection)
+    into two hidden layers of 500 units (the paper's 3000: lenet_lti_paper, a GPU job),
+    Adam 1e-4 (no weight decay, no clipping), batch 256, learning rate /10 at 75 %;
+    4000 steps x 256 = 1.02M examples.
+    Time: measured with 1000 hidden units 5.8 CPU-seconds per 1000 examples (10 steps,
+    2 cores shared by ~25 processes), ~99 CPU-minutes for 1.02M: too slow for 45 min,
+    hence 500: measured 2.9 CPU-seconds per 1000 examples (same conditions, 72 examples/s
+    wall there), ~49 CPU-minutes for 1.02M, ~25 min at full use of 2 dedicated cores
+    (not yet run end to end). PSNR: expected, not yet measured.
     """
     from gitjax.generators.lti import CPU_HIDDEN, paper_config
 
@@ -394,8 +404,9 @@ def lenet_lti() -> TrainConfig:
 def lenet_lti_paper() -> TrainConfig:
     """python -m gitjax.train --preset lenet_lti_paper --workdir runs/lenet_lti_paper
 
-    TIMING: lenet_lti with the paper's MLP-3000 (66M parameters, ~0.4 GFLOP per example):
-    for the GPU suite; expected, not yet measured (~2.5 h on 2 CPU cores).
+    lenet_lti with the paper's MLP-3000 (66M parameters, ~0.4 GFLOP per example): for
+    the GPU suite. Time and PSNR: expected, not yet measured (on 2 CPU cores ~3-4 h,
+    scaling the 1000-unit measurement in lenet_lti by the parameter count).
     """
     from gitjax.generators.lti import paper_config
 

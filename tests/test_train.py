@@ -124,10 +124,11 @@ def test_stream_resume_is_bit_identical(tmp_path):
     """The stream draws its images from the step's key: a resumed run equals a straight one."""
     cfg = TINY.replace(stream=StreamConfig(photos=2, dead_leaves=1, spectral=1), steps=12, warmup=2,
                        eval_every=6, log_every=6)
-    straight_run = train_prior(cfg, tmp_path / "a", progress=False)
-    first = train_prior(cfg, tmp_path / "b", progress=False, until_step=5)
-    first_params = _leaves(first.state.params)  # a host copy: the next call donates nothing of it, but be safe
-    resumed = train_prior(cfg, tmp_path / "b", progress=False)
+    mesh = parallel.make_mesh(jax.devices()[:1])  # the 8-device resume is test_resume_is_bit_identical's
+    straight_run = train_prior(cfg, tmp_path / "a", progress=False, mesh=mesh)
+    first = train_prior(cfg, tmp_path / "b", progress=False, until_step=5, mesh=mesh)
+    first_params = _leaves(first.state.params)
+    resumed = train_prior(cfg, tmp_path / "b", progress=False, mesh=mesh)
     for x, y in zip(_leaves(straight_run.state), _leaves(resumed.state)):
         assert np.array_equal(x, y)
     # Not vacuous: steps 6-12 moved the params.
@@ -140,8 +141,9 @@ def test_stream_resume_is_bit_identical(tmp_path):
 # device, seeds 0-2) on the smallest embedded set, faces: 144 fixed training images are seen
 # ~17 times each in 2400 examples, so the fixed run overfits while the stream (random-resized
 # crops, flips, jitter of the same images: never the same image twice) does not. Measured mean
-# validation MSE (all 16 validation faces): fixed 0.0227, stream 0.0182 (20 % lower; per seed
-# 0.021/0.016/0.031 vs 0.017/0.017/0.020). The test asks for >= 5 % lower.
+# validation MSE (all 16 validation faces): fixed 0.0200, stream 0.0164 (18 % lower; with 32
+# validation draws instead: 0.0227 vs 0.0182, per seed 0.021/0.016/0.031 vs 0.017/0.017/0.020,
+# so single seeds can reverse). The test asks the mean for >= 5 % lower.
 STREAM_VS_FIXED_MARGIN = 0.05
 
 
