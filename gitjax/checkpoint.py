@@ -41,6 +41,10 @@ import orbax.checkpoint as ocp
 from gitjax.types import GitjaxError
 
 CHECKPOINT_SUBDIR = "checkpoints"
+# The checkpoint of the step with the best validation PSNR lives apart from the rolling
+# ones (which keep_checkpoints prunes); BEST_FILE records its step and numbers.
+BEST_SUBDIR = "best"
+BEST_FILE = "best.json"
 ITEMS = ("state", "victim", "config", "meta")
 _WARNED: set[tuple[str, int]] = set()  # (directory, step) already reported as broken in this process
 

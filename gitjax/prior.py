@@ -144,7 +144,8 @@ def load_prior(path: str | Path, step: int | None = None) -> Prior:
     Args:
       path: a run directory (``train_prior``'s workdir), its ``checkpoints/``
         directory, or one step directory.
-      step: a saved step; default the one named by ``path`` or the latest.
+      step: a saved step; default the one named by ``path``, else the best by validation
+        PSNR when the run recorded one (``best.json``), else the latest.
 
     Returns:
       Prior with the EMA generator params; arrays on the first local device.
@@ -152,12 +153,16 @@ def load_prior(path: str | Path, step: int | None = None) -> Prior:
     Raises:
       CheckpointError: nothing loadable at ``path``.
     """
-    from gitjax.checkpoint import CheckpointError, PriorCheckpointer, quiet_orbax_logs, resolve_checkpoint_dir
+    from gitjax.checkpoint import (BEST_FILE, BEST_SUBDIR, CheckpointError, PriorCheckpointer, quiet_orbax_logs,
+                                   resolve_checkpoint_dir)
     from gitjax.configs import ConfigError, config_from_dict
     from gitjax.generators import build_generator
     from gitjax.victims import make_victim
 
     quiet_orbax_logs()
+    best_dir = Path(path).expanduser() / BEST_SUBDIR
+    if step is None and (Path(path).expanduser() / BEST_FILE).is_file() and best_dir.is_dir():
+        path = best_dir  # the run's best-by-validation checkpoint
     directory, path_step = resolve_checkpoint_dir(path)
     step = path_step if step is None else step
     explicit = step is not None  # a named step is strict; "latest" falls back past a broken newest step
