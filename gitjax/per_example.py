@@ -15,8 +15,8 @@ with its output error, so here:
   2. one backward pass differentiates the summed group losses w.r.t. the taps,
      which gives every leaf module's per-example output error;
   3. each leaf module's per-group parameter gradient is then contracted locally:
-     Dense: einsum(input, error); Conv: einsum(``conv_general_dilated_patches``
-     of the input, error); biases: errors summed over positions; any other leaf
+     Dense: einsum(input, error); Conv: for each kernel offset, einsum(the
+     input pixels that offset meets, error); biases: errors summed over positions; any other leaf
      module (LayerNorm, GroupNorm, eval-mode BatchNorm): ``vmap`` of that module's
      own VJP, which is elementwise and cheap.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -130,11 +129,14 @@ def _dense_grads(x_NxBxTxI: Array, e_NxBxTxO: Array, n: int) -> dict:
     return {"kernel": jnp.einsum("nri,nro->nio", x_NxRxI, e_NxRxO), "bias": e_NxRxO.sum(1)}
 
 
-def _patches(module: nn.Conv, x_BxHxWxC: Array, out_spatial: tuple[int, ...]) -> Array:
-    """Input patches (B, *out_spatial, *kernel, C) by strided slicing of the padded input.
+def _shifted(module: nn.Conv, x_BxHxWxC: Array, out_spatial: tuple[int, ...]) -> list[Array]:
+    """For each kernel offset (row-major), the input pixels it meets: (B, *out_spatial, C) each.
 
-    Slicing is pure data movement; ``lax.conv_general_dilated_patches`` computes the same
-    tensor as a depthwise convolution, which XLA:CPU runs several times slower.
+    Strided slices of the padded input, pure data movement. Why not
+    ``lax.conv_general_dilated_patches``: it builds the patches as a depthwise
+    convolution, several times slower on XLA:CPU; and contracting each offset on its
+    own (below) beats contracting one stacked patches tensor (1.24x vs 1.59x the
+    batch gradient for LeNet, 1.05x vs 1.40x for ResNet-8, B = 64, CPU).
     """
     nsp = len(module.kernel_size)
     ks, st = tuple(module.kernel_size), _tuple(module.strides, nsp)
@@ -150,21 +152,20 @@ def _patches(module: nn.Conv, x_BxHxWxC: Array, out_spatial: tuple[int, ...]) ->
         limit = (x_pad.shape[0], *(o * d + s * (n - 1) + 1 for o, d, s, n in zip(offs, dil, st, out_spatial)),
                  x_pad.shape[-1])
         slices.append(jax.lax.slice(x_pad, start, limit, (1, *st, 1)))
-    patches = jnp.stack(slices, axis=-2)  # (B, *out_spatial, prod(kernel), C)
-    return patches.reshape(*patches.shape[:-2], *ks, patches.shape[-1])
+    return slices
 
 
 def _conv_grads(module: nn.Conv, x_BxHxWxC: Array, e_BxHoxWoxO: Array, n: int) -> dict:
     nsp = len(module.kernel_size)
     g = module.feature_group_count
     c_in, c_out = x_BxHxWxC.shape[-1], e_BxHoxWoxO.shape[-1]
-    k = math.prod(module.kernel_size)
-    patches = _patches(module, x_BxHxWxC, e_BxHoxWoxO.shape[1 : 1 + nsp])
-    # Patch features are ordered (*kernel, C_in) like the flax kernel; split C_in into groups,
-    # whose output channels are contiguous.
-    p_NxRxKxGxC = patches.reshape(n, -1, k, g, c_in // g)
     e_NxRxGxO = e_BxHoxWoxO.reshape(n, -1, g, c_out // g)
-    w_NxKxCxGxO = jnp.einsum("nrkgc,nrgo->nkcgo", p_NxRxKxGxC, e_NxRxGxO)
+    # kernel[offset] = sum over positions of (input at offset) x error, per group of the
+    # feature groups (whose output channels are contiguous): offsets in row-major order
+    # and (C_in / groups, groups x C_out / groups) match the flax kernel layout.
+    w_NxKxCxGxO = jnp.stack([
+        jnp.einsum("nrgc,nrgo->ncgo", x_s.reshape(n, -1, g, c_in // g), e_NxRxGxO)
+        for x_s in _shifted(module, x_BxHxWxC, e_BxHoxWoxO.shape[1 : 1 + nsp])], axis=1)
     kernel = w_NxKxCxGxO.reshape(n, *module.kernel_size, c_in // g, c_out)
     return {"kernel": kernel, "bias": e_NxRxGxO.reshape(n, -1, c_out).sum(1)}
 
