@@ -1,18 +1,27 @@
-"""Per-example gradients: jit(vmap(grad)) against a Python loop of jit(grad), one example at a time.
+"""Per-example gradients against their floor (one batch-mean gradient) and against a Python loop.
 
 Per-example gradients are what a leakage study computes over and over (one
 leaked gradient per image, DP-SGD clipping, GIT's training set of gradients).
-This measures how much vectorising them with ``jax.vmap`` buys over the
-obvious loop, for LeNet (DLG's victim) and the CIFAR ResNet-18.
+They cannot be cheaper than one batched backward pass, so the floor is the
+batch-mean gradient of the same B images. Measured per victim:
 
-Both sides materialise all B per-example gradients; compilation and one
-warm-up call are excluded; each timing ends with ``block_until_ready``; the
-reported number is the median over ``--repeats`` runs.
+  * ``per_example``: ``gitjax.leakage.per_example_grads`` with ``--method``
+    (default "auto": tap-based patches+einsum where it wins, else vmap);
+  * ``vmap``: the same with method="vmap" (``jax.vmap(jax.grad)``, the old default);
+  * ``batch``: ``jax.grad`` of the batch-mean loss (the floor);
+  * ``loop``: a Python loop of jitted single-example gradients.
 
-    python benchmarks/per_example_grads.py [--batch 64] [--repeats 3] [--models lenet,resnet18]
+All sides are jitted; compilation and one warm-up call are excluded; each timing
+ends with ``block_until_ready``; the median over ``--repeats`` is reported, with
+the repeats of the four sides interleaved so that load on a shared machine hits
+them alike.
 
-Prints a table, then one JSON line per model:
-{"name", "device", "batch", "vmap_ex_per_s", "loop_ex_per_s", "ratio"}.
+    python benchmarks/per_example_grads.py [--batch 64] [--repeats 3] [--models lenet,resnet8,resnet18]
+        [--method auto|vmap|patches]
+
+Prints a table, then one JSON line per model with
+``per_example_over_batch`` (target <= 1.5) and ``loop_over_vmap`` (loop time over
+per-example time; target >= 1, i.e. never slower than the loop).
 """
 
 from __future__ import annotations
@@ -31,62 +40,79 @@ from gitjax.leakage import make_loss, per_example_grads
 from gitjax.victims import make_victim
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up: compile and first run are excluded
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def device_name() -> str:
+    dev = jax.devices()[0]
+    return f"cpu ({os.cpu_count()} cores)" if dev.platform == "cpu" else dev.device_kind
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per function; one warm-up each, then rounds that run every function once."""
+    for fn in fns.values():
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_model(name: str, batch: int, repeats: int) -> dict:
-    victim = make_victim(name)
+def bench_model(name: str, batch: int, repeats: int, method: str = "auto", loop: bool = True,
+                input_shape: tuple[int, int, int] = (32, 32, 3)) -> dict:
+    victim = make_victim(name, input_shape=input_shape)
     params, state = jax.jit(victim.init)(jax.random.key(0))
     x_BxHxWxC = jax.random.uniform(jax.random.key(1), (batch, *victim.input_shape))
     y_B = jax.random.randint(jax.random.key(2), (batch,), 0, victim.num_classes)
 
-    vmapped = jax.jit(functools.partial(per_example_grads, victim))
-    single = jax.jit(jax.grad(make_loss(victim)))
+    per_ex = jax.jit(functools.partial(per_example_grads, victim, method=method))
+    vmapped = jax.jit(functools.partial(per_example_grads, victim, method="vmap"))
+    batch_fn = jax.jit(jax.grad(make_loss(victim)))
     # Slices made up front so the loop times only the per-example gradient calls.
     examples = [(x_BxHxWxC[i : i + 1], y_B[i : i + 1]) for i in range(batch)]
 
-    def run_vmap():
-        return vmapped(params, state, x_BxHxWxC, y_B)
-
-    def run_loop():
-        return [single(params, state, x, y) for x, y in examples]
-
-    t_vmap = _median_seconds(run_vmap, repeats)
-    t_loop = _median_seconds(run_loop, repeats)
-    dev = jax.devices()[0]
-    return {
-        "name": name,
-        "device": f"cpu ({os.cpu_count()} cores)" if dev.platform == "cpu" else dev.device_kind,
-        "batch": batch,
-        "vmap_ex_per_s": round(batch / t_vmap, 2),
-        "loop_ex_per_s": round(batch / t_loop, 2),
-        "ratio": round(t_loop / t_vmap, 3),
+    fns = {
+        "batch": lambda: batch_fn(params, state, x_BxHxWxC, y_B),
+        "per_example": lambda: per_ex(params, state, x_BxHxWxC, y_B),
+        "vmap": lambda: vmapped(params, state, x_BxHxWxC, y_B),
     }
+    if loop:
+        fns["loop"] = lambda: [batch_fn(params, state, x, y) for x, y in examples]
+    t = interleaved_medians(fns, repeats)
+    row = {
+        "name": name, "device": device_name(), "batch": batch, "method": method,
+        "batch_s": round(t["batch"], 4), "per_example_s": round(t["per_example"], 4), "vmap_s": round(t["vmap"], 4),
+        "per_example_over_batch": round(t["per_example"] / t["batch"], 3),
+        "vmap_over_batch": round(t["vmap"] / t["batch"], 3),
+    }
+    if loop:
+        row.update(loop_s=round(t["loop"], 4), loop_over_vmap=round(t["loop"] / t["per_example"], 3),
+                   loop_over_plain_vmap=round(t["loop"] / t["vmap"], 3))
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64, help="examples per batch (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
-    parser.add_argument("--models", default="lenet,resnet18", help="comma-separated victim names")
+    parser.add_argument("--models", default="lenet,resnet8,resnet18", help="comma-separated victim names")
+    parser.add_argument("--method", default="auto", choices=("auto", "vmap", "patches"),
+                        help="per_example_grads method under test (default auto)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be >= 1")
 
-    results = [bench_model(m.strip(), args.batch, args.repeats) for m in args.models.split(",") if m.strip()]
+    results = [bench_model(m.strip(), args.batch, args.repeats, args.method)
+               for m in args.models.split(",") if m.strip()]
 
-    print(f"per-example gradients, batch {args.batch}, 32x32x3 images, median of {args.repeats} "
-          f"(jax {jax.__version__}, {results[0]['device'] if results else '?'})")
-    print(f"{'model':<10} {'vmap ex/s':>12} {'loop ex/s':>12} {'vmap/loop':>10}")
+    print(f"per-example gradients, batch {args.batch}, 32x32x3 images, median of {args.repeats}, method "
+          f"{args.method} (jax {jax.__version__}, {results[0]['device'] if results else '?'})")
+    print(f"{'model':<10} {'batch s':>9} {'per-ex s':>9} {'vmap s':>9} {'loop s':>9} {'pe/batch':>9} "
+          f"{'vmap/batch':>11} {'loop/pe':>8}")
     for r in results:
-        print(f"{r['name']:<10} {r['vmap_ex_per_s']:>12.1f} {r['loop_ex_per_s']:>12.1f} {r['ratio']:>9.2f}x")
+        print(f"{r['name']:<10} {r['batch_s']:>9.3f} {r['per_example_s']:>9.3f} {r['vmap_s']:>9.3f} "
+              f"{r['loop_s']:>9.3f} {r['per_example_over_batch']:>8.2f}x {r['vmap_over_batch']:>10.2f}x "
+              f"{r['loop_over_vmap']:>7.2f}x")
     for r in results:
         print(json.dumps(r))
     return results

@@ -202,3 +202,14 @@ def test_leaked_group_grads_sharded_matches_unsharded_for_conv_victim():
                   in_shardings=(rep, bat, bat), out_shardings=bat)(params, x, y)
     for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [batch_grad, per_example_grads])
+def test_labels_outside_the_classes_raise(fn):
+    # one_hot of an out-of-range id is all zero, which silently gave an all-zero gradient.
+    from gitjax.types import GitjaxError
+
+    victim, params, state, x, y = _problem("lenet", 8)
+    for bad in (10, -1):
+        with pytest.raises(GitjaxError, match=rf"label {bad} is outside \[0, 10\).*class ids 0..9"):
+            fn(victim, params, state, x, y.at[3].set(bad))
