@@ -772,15 +772,18 @@ def cg_refine(ops: LinearOps, kernel: Array, bias: Array | None, dk_sum: Array, 
     ``grad_iters`` steps, default ``iters``), so nothing is unrolled or stored per step.
 
     ``noise`` (optional, scalar >= 0): the leaked gradient's estimated noise-to-signal
-    ratio at this layer; it divides the weight of the gradient equations by
-    ``1 + noise`` and adds ``noise`` to the relative ridge (``log_w`` may carry
-    learned scales of both). 0 reproduces the noise-free system.
+    ratio at this layer. The weights are inverse relative error variances, so the
+    noise adds to the gradient equations' one: ``w_g = e^{log_w[1]} / (1 + e^{log_w[1]} noise)``
+    (normalised as above); ``noise`` is also added to the relative ridge. 0 reproduces
+    the noise-free system.
     """
     zb = z - (bias if bias is not None else 0.0)
     w2 = jnp.broadcast_to(weight**2, zb.shape)
     nsr = jnp.zeros(()) if noise is None else noise
     w_f = jnp.exp(log_w[0]) / (jnp.sum(w2 * zb**2) + TINY)
-    w_g = jnp.exp(log_w[1]) / (jnp.sum(dk_sum**2) + TINY) / (1.0 + nsr)
+    # Weights are inverse relative error variances: exp(-log_w[1]) is the model error of the
+    # gradient equations, the noise adds nsr to it (Wiener weighting).
+    w_g = jnp.exp(log_w[1]) / (jnp.sum(dk_sum**2) + TINY) / (1.0 + jnp.exp(log_w[1]) * nsr)
     w_r = (jnp.exp(log_w[2]) + nsr) / (jnp.sum(a_init**2) + a_init.size)
 
     def normal_op(v):
