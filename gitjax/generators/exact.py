@@ -86,9 +86,10 @@ def _after(state: State, dep: Array | None) -> State:
     XLA:CPU (jax 0.10) was seen to deadlock when the backward passes of two
     independent CG solves (``lax.custom_linear_solve``) are scheduled concurrently;
     chaining the branches through an optimisation barrier serialises them (and their
-    transposes) at no cost on a CPU that has no spare cores anyway.
+    transposes) at no cost on a CPU that has no spare cores anyway. CPU only: on an
+    accelerator the barrier would only forbid overlapping independent branches.
     """
-    if dep is None:
+    if dep is None or jax.default_backend() != "cpu":
         return state
     state, _ = jax.lax.optimization_barrier((state, dep))
     return state
