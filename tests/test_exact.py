@@ -7,7 +7,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from gitjax.generators import GeneratorConfig
 from gitjax.generators.common import (
     LayerPlan,
     LinearOps,
@@ -89,3 +91,10 @@ def test_noise_scaled_ridge_lowers_the_error_of_a_noisy_conv_inversion():
         for aware, value in ((False, jnp.float32(0.0)), (True, nsr)):
             errs[aware].append(float(jnp.linalg.norm(solve(value) - x) / jnp.linalg.norm(x)))
     assert np.mean(errs[True]) < 0.75 * np.mean(errs[False]), errs
+
+
+def test_bad_cg_iteration_counts_are_rejected():
+    with pytest.raises(ValueError, match="exact_cg_grad_iters"):
+        GeneratorConfig(kind="exact", exact_cg_grad_iters=0)
+    with pytest.raises(ValueError, match="exact_cg_iters"):
+        GeneratorConfig(kind="exact", exact_cg_iters=-1)
