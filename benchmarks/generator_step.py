@@ -63,18 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b", type=int, default=1, help="images behind each gradient")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cg-iters", type=int, default=None, help="override GeneratorConfig.exact_cg_iters")
+    p.add_argument("--cg-grad-iters", type=int, default=None, help="override GeneratorConfig.exact_cg_grad_iters")
     args = p.parse_args(argv)
     if min(args.n, args.b, args.repeats) < 1:
         print("error: --n, --b and --repeats must be >= 1", file=sys.stderr)
         return 2
     exact_kw = {} if args.cg_iters is None else {"exact_cg_iters": args.cg_iters}
+    if args.cg_grad_iters is not None:
+        exact_kw["exact_cg_grad_iters"] = args.cg_grad_iters
     cg_iters = args.cg_iters if args.cg_iters is not None else GeneratorConfig().exact_cg_iters
     for name in args.victims:
         exact = step_seconds(name, "exact", args.n, args.b, args.repeats, **exact_kw)
         coarse = step_seconds(name, "coarse", args.n, args.b, args.repeats)
         print(json.dumps({"victim": name, "n": args.n, "b": args.b, "exact_step_s": round(exact, 4),
                           "coarse_step_s": round(coarse, 4), "exact_over_coarse": round(exact / coarse, 2),
-                          "exact_cg_iters": cg_iters, "device": jax.devices()[0].platform}), flush=True)
+                          "exact_cg_iters": cg_iters, **{k: v for k, v in exact_kw.items() if "grad" in k},
+                          "device": jax.devices()[0].platform}), flush=True)
     return 0
 
 
