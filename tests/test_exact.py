@@ -95,6 +95,6 @@ def test_noise_scaled_ridge_lowers_the_error_of_a_noisy_conv_inversion():
 
 def test_bad_cg_iteration_counts_are_rejected():
     with pytest.raises(ValueError, match="exact_cg_grad_iters"):
-        GeneratorConfig(kind="exact", exact_cg_grad_iters=0)
+        GeneratorConfig(kind="exact", exact_cg_grad_iters=-1)
     with pytest.raises(ValueError, match="exact_cg_iters"):
         GeneratorConfig(kind="exact", exact_cg_iters=-1)
