@@ -63,6 +63,8 @@ from gitjax.generators.common import (
     LinearOps,
     conv_coverage,
     project_sum,
+    low_rank_noise_var,
+    noise_to_signal,
     ridge_invert,
     rms,
     ste_clip01,
@@ -84,9 +86,10 @@ def _after(state: State, dep: Array | None) -> State:
     XLA:CPU (jax 0.10) was seen to deadlock when the backward passes of two
     independent CG solves (``lax.custom_linear_solve``) are scheduled concurrently;
     chaining the branches through an optimisation barrier serialises them (and their
-    transposes) at no cost on a CPU that has no spare cores anyway.
+    transposes) at no cost on a CPU that has no spare cores anyway. CPU only: on an
+    accelerator the barrier would only forbid overlapping independent branches.
     """
-    if dep is None:
+    if dep is None or jax.default_backend() != "cpu":
         return state
     state, _ = jax.lax.optimization_barrier((state, dep))
     return state
@@ -182,8 +185,16 @@ class _ExactCore(nn.Module):
         return f(a), f(e), jnp.zeros((b, *out_shape), a.dtype)
 
     # ------------------------------------------------------------------ layer blocks
-    def _param_layer(self, lp: LayerPlan, state: State, g: dict[str, Array], vp: Params | None) -> State:
-        """Dense/conv: input from the ridge pseudo-inverse (+ R-GAP CG when underdetermined)."""
+    def _param_layer(self, lp: LayerPlan, state: State, g: dict[str, Array], vp: Params | None,
+                     noise_var: Array | None) -> State:
+        """Dense/conv: input from the ridge pseudo-inverse (+ R-GAP CG when underdetermined).
+
+        With ``noise_var`` (the estimated per-entry noise variance of the leaked gradient),
+        the underdetermined solves become noise-aware: the layer's noise-to-signal ratio
+        times a learned scale ``exp(log_noise)`` is added to the ridge of the closed-form
+        inverse (shrinking it towards the prior) and down-weights the weight-gradient
+        equations against the forward equations in CG (Tikhonov / Wiener weighting).
+        """
         z, e, m = state
         bsz = self.config.batch_size
         name = _pname(lp)
@@ -198,15 +209,20 @@ class _ExactCore(nn.Module):
         ops = LinearOps(lp, (bsz, *lp.in_shape))
         a0 = jnp.zeros((bsz, *lp.in_shape), e.dtype)
         cov = conv_coverage(ops) if lp.op == "conv" else None
+        nsr = None
+        if noise_var is not None and not determined:
+            log_noise = self.param(f"{name}_log_noise", nn.initializers.zeros, ())
+            nsr = jnp.exp(log_noise) * noise_to_signal(bsz**2 * noise_var, dk_sum)
         if determined:  # exact pseudo-inverse, no trainable ridge
             a = ridge_invert(ops, dk_sum, e, a0, jnp.zeros(()), cov, rtol=self.config.exact_ridge)
         else:
             log_eps = self.param(f"{name}_log_ridge", nn.initializers.constant(
                 math.log(max(self.config.exact_ridge, 1e-4))), ())
-            a = ridge_invert(ops, dk_sum, e, a0, jnp.exp(log_eps), cov)
+            a = ridge_invert(ops, dk_sum, e, a0, jnp.exp(log_eps) + (0.0 if nsr is None else nsr), cov)
         if not determined and self.config.exact_cg_iters > 0:
             log_w = self.param(f"{name}_log_cg_weights", lambda k: jnp.array([0.0, 3.0, math.log(1e-6)]))
-            a = cg_refine(ops, kernel, bias, dk_sum, e, z, m, a, log_w, self.config.exact_cg_iters)
+            a = cg_refine(ops, kernel, bias, dk_sum, e, z, m, a, log_w, self.config.exact_cg_iters, noise=nsr,
+                          grad_iters=self.config.exact_cg_grad_iters)
         e_in = ops.fold(ops.back(e, kernel))  # W^T delta: the transposed layer
         return a, e_in, jnp.ones_like(a)
 
@@ -253,22 +269,23 @@ class _ExactCore(nn.Module):
             return a[:, t_v:], e[:, t_v:], m[:, t_v:]
         return state
 
-    def _layer(self, lp: LayerPlan, state: State, g: dict[str, Array], vp: Params | None) -> State:
+    def _layer(self, lp: LayerPlan, state: State, g: dict[str, Array], vp: Params | None,
+               noise_var: Array | None) -> State:
         if lp.op in ("dense", "conv"):
-            return self._param_layer(lp, state, g, vp)
+            return self._param_layer(lp, state, g, vp, noise_var)
         if lp.op == "norm":
             return self._norm_layer(lp, state, g, vp)
         return self._embed(lp, state, g, vp)
 
     # ------------------------------------------------------------------ the reversed walk
-    def _items(self, items, state: State, gb, vp) -> State:
+    def _items(self, items, state: State, gb, vp, noise_var) -> State:
         plan = self.plan
         for item in reversed(items):
             outs = []
             for i in item:
                 lp = plan.layers[i]
                 s = self._connect(state, lp.post, lp.out_shape, _pname(lp))
-                outs.append(self._layer(lp, _after(s, outs[-1][0] if outs else None), gb[i], vp))
+                outs.append(self._layer(lp, _after(s, outs[-1][0] if outs else None), gb[i], vp, noise_var))
             if len(outs) == 1:
                 state = outs[0]
             else:  # fan-out: the input feeds every branch; estimates average, errors add
@@ -307,15 +324,19 @@ class _ExactCore(nn.Module):
         gb = plan.layout.to_blocks(grads)
         last = plan.units[-1].main[-1][0]
         state = self._top(plan.layers[last], gb[last])
+        noise_var = None
+        if self.config.exact_noise_aware and "kernel" in gb[last]:
+            k_top = gb[last]["kernel"]
+            noise_var = low_rank_noise_var(k_top.reshape(-1, k_top.shape[-1]), self.config.batch_size)
         for unit in reversed(plan.units):
             if not unit.composite:
-                state = self._items(unit.main, state, gb, vp)
+                state = self._items(unit.main, state, gb, vp, noise_var)
                 continue
             name = _pname(unit)
             exit_state = self._connect(state, unit.post, unit.out_shape, f"{name}_exit")
-            main = self._items(unit.main, exit_state, gb, vp)
+            main = self._items(unit.main, exit_state, gb, vp, noise_var)
             if unit.side:
-                side = self._items(unit.side, _after(exit_state, main[0]), gb, vp)
+                side = self._items(unit.side, _after(exit_state, main[0]), gb, vp, noise_var)
                 gate0 = 0.5
             else:  # identity skip (or a learned resample when the shapes differ)
                 side = self._connect(exit_state, "mixed", unit.in_shape, f"{name}_skip")
