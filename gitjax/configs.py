@@ -320,7 +320,7 @@ def config_diff(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) ->
 
 
 def tiny() -> TrainConfig:
-    """python -m gitjax.train --preset tiny --workdir /tmp/git_tiny
+    """python -m gitjax.train --preset tiny --workdir runs/tiny
 
     ~40 s on 2 shared CPU cores, most of it compilation. Test MSE of the EMA
     generator 0.113 -> ~0.075 (PSNR 9.9 -> 12.0 dB); tests assert a >= 20 % drop.

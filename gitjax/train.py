@@ -738,7 +738,7 @@ def _restore_or_init(ckpt: PriorCheckpointer, config: TrainConfig, resume: bool,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gitjax.train --preset tiny --workdir /tmp/git_tiny [--steps N] [--no-resume]``."""
+    """``python -m gitjax.train --preset tiny --workdir runs/tiny [--steps N] [--no-resume]``."""
     p = argparse.ArgumentParser(prog="python -m gitjax.train", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--workdir", required=True)
