@@ -81,9 +81,10 @@ def test_best_of_restarts_keeps_the_smallest_distance():
 
 
 def test_start_step_size_follows_the_start_quality():
-    d = jnp.array([0.0, 1e-3, 0.01, 0.1, 0.5])
-    lr = np.asarray(start_step_size(0.1, d))
-    assert np.all(np.diff(lr) >= 0) and np.isclose(lr[0], 0.1 * 0.05) and np.isclose(lr[-1], 0.1)
+    d = jnp.array([0.0, 1e-6, 1e-4, 1e-3, 5e-3])  # gradient distances of starts; a random image: 1e-3
+    lr = np.asarray(start_step_size(0.1, d, jnp.full(5, 1e-3)))
+    assert np.all(np.diff(lr) >= 0) and np.isclose(lr[0], 0.1 * 0.2) and np.isclose(lr[-1], 0.1)
+    np.testing.assert_allclose(lr[2], 0.1 * 0.1**0.25, rtol=1e-5)
 
 
 def test_perfect_start_is_kept():

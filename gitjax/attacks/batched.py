@@ -46,14 +46,27 @@ def vmap_group_grads(victim: Victim, params: Params, state: ModelState, x_MxBxHx
     return jax.vmap(lambda x, y: batch_grad(victim, params, state, x, y))(x_MxBxHxWxC, y_MxBxK)
 
 
-def default_group_grads() -> GroupGrads:
-    """``gitjax.per_example.group_grads`` where that module exists (per-example gradients at the
-    cost of one batched backward pass), else ``vmap_group_grads``."""
-    if importlib.util.find_spec("gitjax.per_example") is None:
-        return vmap_group_grads
-    from gitjax.per_example import group_grads
+def map_group_grads(victim: Victim, params: Params, state: ModelState, x_MxBxHxWxC: Array,
+                    y_MxBxK: Array) -> Grads:
+    """M batch-mean gradients by ``lax.map`` (one group after another inside one program).
 
-    return group_grads
+    ``vmap`` of a conv weight gradient becomes a grouped convolution, and IG
+    differentiates it once more: on XLA:CPU that is ~100x slower than M separate
+    gradients at M = 64 (measured 57 s vs 0.46 s for one objective gradient, LeNet).
+    """
+    return jax.lax.map(lambda xy: batch_grad(victim, params, state, *xy), (x_MxBxHxWxC, y_MxBxK))
+
+
+def default_group_grads() -> GroupGrads:
+    """The fastest group-gradient rule available: ``gitjax.per_example.group_grads`` where that
+    module exists (one batched backward pass + per-layer contractions; LeNet, M = 64, 2-core
+    CPU: 0.75 s per IG objective gradient), else ``map_group_grads`` on CPU (1.5 s) and
+    ``vmap_group_grads`` elsewhere (57 s on CPU: grouped convolutions)."""
+    if importlib.util.find_spec("gitjax.per_example") is not None:
+        from gitjax.per_example import group_grads
+
+        return group_grads
+    return map_group_grads if jax.default_backend() == "cpu" else vmap_group_grads
 
 
 def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads, labels_NxB: Array | None,
@@ -89,13 +102,14 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
 
     if x_init_N is not None:
         x_init_N = jnp.clip(x_init_N, 0.0, 1.0)
-        x0_NxR = x0_NxR.at[:, 0].set(x_init_N)
         if config.start_lr > 0:
             lr0_N = jnp.full((n,), config.start_lr, jnp.float32)
         else:
             d0 = jax.lax.stop_gradient(distances(rep(x_init_N))).reshape(n, r)[:, 0]
-            lr0_N = start_step_size(config.lr, d0)
+            d_rand = jax.lax.stop_gradient(distances(x0_NxR.reshape(n * r, *shape))).reshape(n, r)[:, 0]
+            lr0_N = start_step_size(config.lr, d0, d_rand)
         lr_NxR = lr_NxR.at[:, 0].set(lr0_N)
+        x0_NxR = x0_NxR.at[:, 0].set(x_init_N)
     x_prior_M = None if x_prior_N is None else rep(x_prior_N)
 
     def objective(x_M: Array) -> tuple[Array, Array]:

@@ -51,15 +51,18 @@ def labels_or_recovered(victim: Victim, params: Params, state: ModelState, targe
     return recover_labels(target_grads, layout, batch_size, estimate_mean_probs(victim, params, state, key))
 
 
-def start_step_size(lr: float | Array, start_distance: Array, reference: float = 0.1, power: float = 0.5,
-                    floor: float = 0.05) -> Array:
+def start_step_size(lr: float | Array, start_distance: Array, random_distance: Array, power: float = 0.25,
+                    floor: float = 0.2) -> Array:
     """Signed-Adam step for a run that starts from a given image, from its gradient distance.
 
-    A signed step moves every pixel by ~lr, so a step fit for a random start (distance
-    ~0.5-1) destroys a start that already explains the gradient well. The step shrinks
-    with the start's distance d: ``lr * clip((d / reference) ** power, floor, 1)``.
+    A signed step moves every pixel by ~lr, so the step fit for a random start destroys
+    a start that already explains the gradient far better. The step shrinks with the
+    start's distance d relative to a random image's d_rand (the scale of distances varies
+    by orders of magnitude between victims): ``lr * clip((d / d_rand) ** power, floor, 1)``.
+    Tuned on LeNet, patches train split (docs: experiments/git_ig_refine.py): Exact-GIT
+    starts (d / d_rand ~ 2e-3) do best at ~0.2 lr, Coarse-GIT starts (~0.02-0.3) at ~0.5-1 lr.
     """
-    ratio = (jnp.maximum(start_distance, 0.0) / reference) ** power
+    ratio = (jnp.maximum(start_distance, 0.0) / jnp.maximum(random_distance, 1e-30)) ** power
     return lr * jnp.clip(ratio, floor, 1.0)
 
 
@@ -103,7 +106,10 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
         elif start_lr > 0:
             lr0 = start_lr
         else:
-            lr0 = start_step_size(config.lr, jax.lax.stop_gradient(distance(x_init)))
+            # x0_R[0] is the random image x_init replaces: the reference for "how good is the start".
+            d0, d_rand = distance(x_init), distance(jax.vmap(lambda k: init_images(k, x_init.shape, config.init))(
+                keys_R[:1])[0])
+            lr0 = start_step_size(config.lr, jax.lax.stop_gradient(d0), jax.lax.stop_gradient(d_rand))
         lr_R = lr_R.at[0].set(lr0)
 
     def one_run(x0: Array, lr: Array):
