@@ -116,7 +116,7 @@ def bench_iteration(victim_name: str, steps: int, repeats: int) -> dict[str, Any
     victim, params, state, g_N, _, y_NxB = problems(victim_name, 1)
     g, y = jax.tree.map(lambda a: a[0], g_N), y_NxB[0]
     key = jax.random.key(0)
-    short, long_ = max(1, steps // 5), steps
+    short, long_ = steps, 4 * steps  # the slope over 3*steps iterations; fixed costs cancel
     t_short = _median_seconds(lambda: _ig_jit(victim, params, state, g, y, key, IGConfig(steps=short,
                                                                                       record_every=0))[0], repeats)
     t_long = _median_seconds(lambda: _ig_jit(victim, params, state, g, y, key, IGConfig(steps=long_,
@@ -130,8 +130,8 @@ def bench_iteration(victim_name: str, steps: int, repeats: int) -> dict[str, Any
 
     grad_fn = jax.jit(jax.grad(objective))
     x = jax.random.uniform(jax.random.key(1), (1, *victim.input_shape))
-    # Many evaluations per timing so that dispatch (~tens of us) does not dominate a small victim.
-    reps = max(1, long_ - short)
+    # As many evaluations as the slope's iterations, dispatched asynchronously back to back.
+    reps = long_ - short
 
     def many():
         out = x

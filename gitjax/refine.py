@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gitjax.types import Array, PRNGKey
+from gitjax.types import Array
 
 X = Any  # the optimised pytree: images (B, H, W, C), or (images, label logits)
 Objective = Callable[[X], Array]

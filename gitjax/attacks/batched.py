@@ -108,8 +108,9 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
             d0 = jax.lax.stop_gradient(distances(rep(x_init_N))).reshape(n, r)[:, 0]
             d_rand = jax.lax.stop_gradient(distances(x0_NxR.reshape(n * r, *shape))).reshape(n, r)[:, 0]
             lr0_N = start_step_size(config.lr, d0, d_rand)
-        lr_NxR = lr_NxR.at[:, 0].set(lr0_N)
-        x0_NxR = x0_NxR.at[:, 0].set(x_init_N)
+        # The start takes the last slot, as in ``match_reconstruct``.
+        lr_NxR = lr_NxR.at[:, -1].set(lr0_N)
+        x0_NxR = x0_NxR.at[:, -1].set(x_init_N)
     x_prior_M = None if x_prior_N is None else rep(x_prior_N)
 
     def objective(x_M: Array) -> tuple[Array, Array]:
@@ -139,7 +140,7 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     labels_B = labels_NxB if labels_NxB.ndim == 2 else jnp.argmax(labels_NxB, axis=-1)
     info = {"grad_distance": jnp.min(jnp.where(jnp.isnan(d_NxR), jnp.inf, d_NxR), axis=1),
             "labels": labels_B.astype(jnp.int32), "restart_grad_distance": d_NxR, "restart_index": i_N,
-            "start_lr": lr_NxR[:, 0]}
+            "start_lr": lr_NxR[:, -1]}
     if metric is not None and config.record_every:
         info["psnr"] = pick(jnp.moveaxis(trace.metric_R, 0, 1))  # (T/r, M) -> (N, T/r)
     return pick(x_M), info

@@ -5,6 +5,13 @@ one forward pass, no optimisation (Chen & Liu 2025, arXiv 2505.20026).
 As a prior, its output (a) initialises IG/DLG, (b) anchors them through a
 proximity term ``prior_weight * mean((x - x_git)^2)``, or (c) both.
 
+GIT+IG keeps what a good start has and fixes what a poor one lacks: GIT's output is
+one of IG's vmapped restarts next to ``random_starts`` random inits; its signed step
+is scaled to its gradient distance relative to a random image's; iterate and restart
+are chosen by the gradient distance alone (not TV), and the start itself is a
+candidate. Measured (LeNet, batch 1, 8 images, 200 steps; experiments/git_ig_refine.py):
+GIT+IG - max(GIT, IG) = +1.2 to +5.5 dB for Exact-GIT on patches/textures/faces/digits.
+
 ``attack(prior, grads)`` is a pure function: jit it, or vmap it over a leading
 axis of ``grads`` with ``jax.vmap(attack, in_axes=(None, 0))``.
 """

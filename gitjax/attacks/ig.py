@@ -3,11 +3,14 @@
 Minimises the cosine distance between the dummy and the leaked gradient plus a
 total-variation prior, with signed gradients into Adam, a step decay of x0.1 at
 3/8, 5/8 and 7/8 of the run, box projection onto [0, 1], and restarts (run in
-parallel with ``jax.vmap``; the best by final gradient distance is kept). Labels
-are used when given, else recovered analytically (``gitjax.attacks.labels``).
+parallel with ``jax.vmap``). The iterate and the restart kept are the ones with the
+lowest gradient distance (TV is minimised, not used to select). Labels are used
+when given, else recovered analytically (``gitjax.attacks.labels``).
 
-``ig_reconstruct`` is the pure, jit/vmap-friendly core; ``run`` is the registry
-wrapper. GIT as a prior: ``x_init`` (start point), ``x_prior`` +
+``ig_reconstruct`` is the pure, jit/vmap-friendly core (``gitjax.attacks.iterative``);
+``run`` is the registry wrapper. GIT as a prior: ``x_init`` (the last restart starts there,
+with a step scaled to how well it already explains the gradient; the start itself is
+a candidate, so the result never matches the gradient worse), ``x_prior`` +
 ``config.prior_weight`` (penalty), or both; ``extra_loss`` hooks further image
 regularisers in.
 """
@@ -38,7 +41,7 @@ class IGConfig:
       tv_weight: total-variation weight for [0, 1] images (tuned on 32x32 patches).
       signed: feed sign(gradient) to Adam.
       lr_decay: multiply lr by 0.1 at 3/8, 5/8, 7/8 of the steps.
-      restarts: parallel runs; with an ``x_init`` the first starts there, the others from
+      restarts: parallel runs; with an ``x_init`` the last starts there, the others from
         ``init``; the run (and iterate) with the lowest gradient distance is kept.
       layer_weights: 'equal' | 'linear' (early layers first) | 'linear_increasing'.
       init: 'uniform' | 'gaussian' | 'zeros'.
@@ -78,8 +81,8 @@ def ig_reconstruct(victim: Victim, params: Params, state: ModelState, target_gra
     Args:
       target_grads: the leaked batch-mean gradient (params' structure).
       labels: (B,) int or (B, K) probabilities; None = recovered (iDLG / counting).
-      x_init: (B, H, W, C) start point of restart 0 (e.g. GIT's output); the other
-        restarts start from ``config.init``.
+      x_init: (B, H, W, C) start point of the last restart (e.g. GIT's output); the
+        others start from ``config.init``, exactly as without x_init.
       x_prior: (B, H, W, C) prior image for the ``prior_weight`` penalty.
       extra_loss: x_BxHxWxC -> scalar added to the objective.
       x_true: (B, H, W, C) ground truth (same order as labels) to record PSNR.

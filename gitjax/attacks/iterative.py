@@ -4,7 +4,7 @@
   (Inverting Gradients and its variants): labels (given or recovered), objective =
   gradient distance + image regularisers, R restarts in parallel (``jax.vmap``), best
   iterate and best restart by the gradient distance alone.
-* A start image (``x_init``, e.g. GIT's output) is restart 0; the other restarts start
+* A start image (``x_init``, e.g. GIT's output) is the last restart; the others start
   from random inits, so a poor start costs nothing and a good one is kept: the loop
   scores the start itself, and the result is never further from the leaked gradient
   than it. Its step size can follow the start's quality (``start_step_size``).
@@ -98,19 +98,21 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     x0_R = jax.vmap(lambda k: init_images(k, (b, *victim.input_shape), config.init))(keys_R)
     lr_R = jnp.full((config.restarts,), config.lr, jnp.float32)
     if x_init is not None:
+        # The start takes the last slot: the random restarts before it are exactly the runs
+        # of the same attack without a start (split(k, R)[i] does not depend on R), so the
+        # result is the better, by gradient distance, of "without the start" and "from it".
         x_init = jnp.clip(x_init, 0.0, 1.0)
-        x0_R = x0_R.at[0].set(x_init)
+        x0_R = x0_R.at[-1].set(x_init)
         start_lr = getattr(config, "start_lr", None)
         if start_lr is None:
             lr0 = config.lr
         elif start_lr > 0:
             lr0 = start_lr
         else:
-            # x0_R[0] is the random image x_init replaces: the reference for "how good is the start".
-            d0, d_rand = distance(x_init), distance(jax.vmap(lambda k: init_images(k, x_init.shape, config.init))(
-                keys_R[:1])[0])
+            # A random image (the first restart's init) is the reference for "how good is the start".
+            d0, d_rand = distance(x_init), distance(init_images(keys_R[0], x_init.shape, config.init))
             lr0 = start_step_size(config.lr, jax.lax.stop_gradient(d0), jax.lax.stop_gradient(d_rand))
-        lr_R = lr_R.at[0].set(lr0)
+        lr_R = lr_R.at[-1].set(lr0)
 
     def one_run(x0: Array, lr: Array):
         opt = ig_optimizer(lr, config.steps, config.signed, config.lr_decay)
@@ -120,7 +122,7 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
 
     best = best_of_restarts(one_run, x0_R, lr_R)
     labels_B = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
-    return best.x, {**best.info(), "labels": labels_B.astype(jnp.int32), "start_lr": lr_R[0]}
+    return best.x, {**best.info(), "labels": labels_B.astype(jnp.int32), "start_lr": lr_R[-1]}
 
 
 # ----------------------------------------------------------------------------- host-side wrapper
@@ -145,7 +147,7 @@ def run_iterative(reconstruct: Callable[..., tuple[Array, dict[str, Array]]], pr
 
     ``info``: iterations, grad_distance, seconds (wall time, compilation included on a
     first call), labels_source ('given' | 'recovered' | 'optimised'), restarts,
-    restart_grad_distance, restart_index (0 = the run from ``x_init`` when one is given),
+    restart_grad_distance, restart_index (restarts - 1 = the run from ``x_init`` when one is given),
     loss_history (objective per step of the kept restart), and psnr_history (list, one
     entry per ``record_every`` steps) when ``x_true`` is given.
     """
