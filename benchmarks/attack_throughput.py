@@ -149,20 +149,19 @@ def bench_git(victim_name: str, n: int, repeats: int, checkpoint: str = "") -> d
     """GIT one-shot through the registry and vmapped, over one jitted generator forward."""
     from gitjax.attacks import git
     from gitjax.attacks.base import AttackProblem
+    from gitjax.prior import Prior, load_prior
 
-    victim, params, state, g_N, _, y_NxB = problems(victim_name, n)
+    victim, params, state, g_N, x_NxB, y_NxB = problems(victim_name, n)
     if checkpoint:
-        loaded = git.load(checkpoint)
-        prior, state = loaded.prior, loaded.victim_state
-        g_N = jax.jit(jax.vmap(lambda x, y: batch_grad(loaded.victim, prior.victim_params, state, x, y)))(
-            problems(victim_name, n)[4], y_NxB)
-        victim, params = loaded.victim, prior.victim_params
+        prior = load_prior(checkpoint)
+        victim, params, state = prior.victim, prior.victim_params, prior.victim_state
+        g_N = jax.jit(jax.vmap(lambda x, y: batch_grad(victim, params, state, x, y)))(x_NxB, y_NxB)
     else:
         from gitjax.generators import GeneratorConfig, build_generator
 
         gen = build_generator(GeneratorConfig(kind="coarse", batch_size=1), victim, params)
         gen_params = jax.jit(gen.init)(jax.random.key(4), g_N, params)["params"]
-        prior = git.Prior(gen, gen_params, params)
+        prior = Prior(gen_params, params, state, gen, victim)
     g0 = jax.tree.map(lambda a: a[0], g_N)
     forward = jax.jit(git.attack)
     problem = AttackProblem(victim, params, state, g0, 1, y_NxB[0])

@@ -18,36 +18,31 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gitjax import leakage, metrics
-from gitjax.attacks import git as git_attack
 from gitjax.configs import TrainConfig
 from gitjax.data import load_dataset
 from gitjax.generators import GeneratorConfig
+from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
+from gitjax.prior import load_prior
 from gitjax.train import train_prior
 from gitjax.viz import format_table, save_grid
 
 
-def evaluate_prior(workdir: Path, num_images: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    """One-shot reconstructions of ``num_images`` test images: (metrics, truth, recon)."""
-    loaded = git_attack.load(str(workdir))
-    vic, params, state = loaded.victim, loaded.prior.victim_params, loaded.victim_state
+def evaluate_prior(workdir: Path, num_images: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray, list[dict]]:
+    """One-shot reconstructions of ``num_images`` test images: (metrics, truth, recon, oracle rows)."""
+    attacker = attacker_from_prior(load_prior(workdir))
+    vic = attacker.victim
     test = load_dataset("patches", "test", image_size=vic.input_shape[0], channels=vic.input_shape[2])
     idx = np.random.default_rng(seed).choice(len(test), num_images, replace=False)
-    x_Nx1xHxWxC = jnp.asarray(test.images[idx])[:, None]
-    y_Nx1 = jnp.asarray(test.labels[idx])[:, None]
-    grads_N = jax.jit(jax.vmap(lambda x, y: leakage.batch_grad(vic, params, state, x, y)))(x_Nx1xHxWxC, y_Nx1)
-    attack_N = jax.jit(jax.vmap(git_attack.attack, in_axes=(None, 0)))
-    recon = np.asarray(attack_N(loaded.prior, grads_N))[:, 0]
-    jax.block_until_ready(attack_N(loaded.prior, grads_N))
-    t0 = time.perf_counter()
-    jax.block_until_ready(attack_N(loaded.prior, grads_N))
-    per_image_s = (time.perf_counter() - t0) / num_images
-    truth = test.images[idx]
-    ev = metrics.evaluate(recon, truth, match=False)
-    return {"psnr": ev["psnr"], "ssim": ev["ssim"], "mse": ev["mse"], "ms_per_image": 1e3 * per_image_s}, truth, recon
+    x_Nx1, y_Nx1 = test.images[idx][:, None], np.asarray(test.labels[idx], np.int32)[:, None]
+    grads_N = leak(vic, attacker.params, attacker.state, x_Nx1, y_Nx1, jax.random.key(seed))
+    reconstruct("git", attacker, grads_N, jax.random.key(0), batch_size=1)  # compile
+    rec = reconstruct("git", attacker, grads_N, jax.random.key(0), batch_size=1)
+    sc = score(rec.images, x_Nx1, mean_image=attacker.mean_image)
+    ev = {"psnr": sc["psnr"], "ssim": sc["ssim"], "mse": sc["mse"],
+          "ms_per_image": 1e3 * (rec.info["seconds"] - rec.info["compile_seconds"]) / num_images}
+    return ev, test.images[idx], rec.images[:, 0], sc["oracles"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             res = train_prior(config, out / f"{victim}-{kind}", resume=True, progress=not args.quiet)
             train_s = time.perf_counter() - t0
             n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(res.params)))
-            ev, truth, recon = evaluate_prior(out / f"{victim}-{kind}", args.num_images, args.seed)
+            ev, truth, recon, oracles = evaluate_prior(out / f"{victim}-{kind}", args.num_images, args.seed)
             rows.append({"victim": victim, "generator": kind, "gen_params": n_params, "steps": args.steps,
                          "train_s": train_s, **ev})
             grids.setdefault(victim, [truth[:12]]).append(recon[:12])
             print(format_table(rows[-1:]))
+        # The same test images for every generator of this victim: one set of oracle rows.
+        rows += [{"victim": victim, "generator": o["method"], **{k: o[k] for k in ("psnr", "ssim", "mse")}}
+                 for o in oracles]
     table = format_table(rows)
     print(table)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gitjax import leakage
-from gitjax.attacks import git as git_attack
 from gitjax.attacks.batched import batched_attack
 from gitjax.attacks.ig import IGConfig
 from gitjax.configs import TrainConfig
 from gitjax.data import load_dataset
 from gitjax.generators import GeneratorConfig
+from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
+from gitjax.prior import load_prior
 from gitjax.train import train_prior
 from gitjax.viz import format_table, save_curve_plot
 
@@ -51,14 +51,14 @@ def run_victim(victim: str, args: argparse.Namespace, out: Path) -> tuple[list[d
                          warmup=min(100, args.prior_steps // 10), seed=args.seed,
                          checkpoint_every=max(250, args.prior_steps // 4), eval_every=max(100, args.prior_steps // 5))
     train_prior(config, workdir, resume=True, progress=not args.quiet)
-    loaded = git_attack.load(str(workdir))
-    vic, params, state = loaded.victim, loaded.prior.victim_params, loaded.victim_state
+    attacker = attacker_from_prior(load_prior(workdir))
+    vic, params, state = attacker.victim, attacker.params, attacker.state
     test = load_dataset("patches", "test", image_size=vic.input_shape[0], channels=vic.input_shape[2])
     idx = np.random.default_rng(args.seed).choice(len(test), args.num_images, replace=False)
     x_Nx1 = jnp.asarray(test.images[idx])[:, None]
     y_Nx1 = jnp.asarray(test.labels[idx])[:, None]
-    grads_N = jax.jit(jax.vmap(lambda x, y: leakage.batch_grad(vic, params, state, x, y)))(x_Nx1, y_Nx1)
-    x_git_N = jax.jit(jax.vmap(git_attack.attack, in_axes=(None, 0)))(loaded.prior, grads_N)
+    grads_N = leak(vic, params, state, x_Nx1, y_Nx1, jax.random.key(args.seed))
+    x_git_N = jnp.asarray(reconstruct("git", attacker, grads_N, jax.random.key(0), batch_size=1).images)
 
     base = IGConfig(steps=args.steps, lr=args.lr, record_every=args.record_every)
     variants = {
@@ -90,6 +90,9 @@ def run_victim(victim: str, args: argparse.Namespace, out: Path) -> tuple[list[d
     rows.append({"victim": victim, "run": "git one-shot", "final_psnr": git_one_shot,
                  "iters_to_ig_final": 0.0 if git_one_shot >= target else float("nan"), "ig_final_psnr": target,
                  "seconds": float("nan")})
+    rows += [{"victim": victim, "run": o["method"], "final_psnr": o["psnr"], "iters_to_ig_final": float("nan"),
+              "ig_final_psnr": target, "seconds": float("nan")}
+             for o in score(np.asarray(x_git_N), np.asarray(x_Nx1), mean_image=attacker.mean_image)["oracles"]]
     save_curve_plot(out / f"convergence_{victim}.png", {n: (iters, c) for n, c in curves.items()},
                     "IG iteration", "mean PSNR (dB)", f"IG vs GIT-prior IG on {victim} ({args.num_images} images)")
     return rows, {n: c.tolist() for n, c in curves.items()}

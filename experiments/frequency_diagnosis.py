@@ -15,10 +15,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
-
 from experiments.compare_generators import evaluate_prior
-from gitjax.metrics import batch_psnr
+from gitjax.metrics import batch_psnr, gaussian_blur
 
 
 def mean_psnr(a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray) -> float:
@@ -26,7 +24,7 @@ def mean_psnr(a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray) -> float:
 
 
 def blur(x_NxHxWxC: np.ndarray, sigma: float) -> np.ndarray:
-    return np.stack([gaussian_filter(x, (sigma, sigma, 0)) for x in x_NxHxWxC])
+    return np.asarray(gaussian_blur(x_NxHxWxC, sigma), np.float64)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    _, truth, recon = evaluate_prior(Path(args.workdir), args.num_images, args.seed)
+    _, truth, recon, _ = evaluate_prior(Path(args.workdir), args.num_images, args.seed)
     truth, recon = np.asarray(truth, np.float64), np.asarray(recon, np.float64)
     colour = lambda x: np.broadcast_to(x.mean(axis=(1, 2), keepdims=True), x.shape)
     blurred = {s: blur(recon, s) for s in (1, 2, 3)}

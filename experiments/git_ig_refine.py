@@ -35,6 +35,7 @@ from gitjax.data import load_dataset
 from gitjax.leakage import batch_grad
 from gitjax.losses import cosine_distance
 from gitjax.metrics import psnr
+from gitjax.prior import load_prior
 
 
 def variant_config(name: str, steps: int) -> IGConfig:
@@ -61,15 +62,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", default="git+ig")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    loaded = git.load(args.checkpoint)
-    victim, params, state = loaded.victim, loaded.prior.victim_params, loaded.victim_state
+    prior = load_prior(args.checkpoint)
+    victim, params, state = prior.victim, prior.victim_params, prior.victim_state
     ds = load_dataset(args.data, args.split, image_size=victim.input_shape[0], channels=victim.input_shape[2])
     n = min(args.num_images, len(ds))
     idx = np.sort(np.random.default_rng(args.seed).choice(len(ds), n, replace=False))
     x_NxB = jnp.asarray(ds.images[idx])[:, None]
     y_NxB = jnp.asarray(ds.labels[idx])[:, None] % victim.num_classes
     grads_N = jax.jit(jax.vmap(lambda x, y: batch_grad(victim, params, state, x, y)))(x_NxB, y_NxB)
-    x_git = jnp.clip(jax.jit(jax.vmap(git.attack, in_axes=(None, 0)))(loaded.prior, grads_N), 0.0, 1.0)
+    x_git = jnp.clip(jax.jit(jax.vmap(git.attack, in_axes=(None, 0)))(prior, grads_N), 0.0, 1.0)
 
     def score(x_N):
         return np.asarray(jax.vmap(lambda a, b: psnr(a, b)[0])(x_N, x_NxB))

@@ -7,8 +7,10 @@ Public API (imported lazily so ``gitjax --help`` starts fast)::
     gitjax.build_generator(GeneratorConfig, victim, params)
     gitjax.train_prior(TrainConfig, workdir) / gitjax.load_prior(workdir)
     gitjax.attack(prior, grads)                   GIT one-shot, pure (jit / vmap it)
-    gitjax.run_attack(name, AttackProblem, key)   every registered attack
+    gitjax.run_attack(name, AttackProblem, key)   every registered attack (gitjax.attacks.ATTACKS)
+    gitjax.run_pipeline(method, attacker, x, y, key)  leak -> defend -> attack -> score (+ oracle rows)
     gitjax.evaluate(recon, truth)                 PSNR / SSIM / MSE with matching
+    gitjax.configure_xla_cpu()                    the XLA:CPU workaround the CLI uses (call first)
 """
 
 import importlib
@@ -17,24 +19,42 @@ import os
 __version__ = "0.1.0"
 
 
-def _xla_cpu_workaround() -> None:
-    """Turns off XLA:CPU's concurrency-optimised scheduler unless the user set it.
+def configure_xla_cpu() -> bool:
+    """Turns off XLA:CPU's concurrency-optimised scheduler (unless XLA_FLAGS already names it).
 
-    With it on (the default in jax 0.10), Exact-GIT's ResNet generator (several
-    implicit-gradient CG solves, ``lax.custom_linear_solve``, in one program) was seen
-    to hang forever on a 2-core CPU: the program never finished and used no CPU.
-    The flag only changes the order of independent ops on CPU; GPU/TPU ignore it.
-    It is read when the CPU backend starts, so it must be set before the first jax op.
-    Not a complete fix: one Exact-GIT ResNet configuration (tv_weight > 0) still hung
-    (README, "Known limits").
+    Scope: the ``gitjax`` command line and the test suite call this before JAX
+    starts; ``import gitjax`` does not touch the environment. Call it yourself,
+    first thing, to get the same behaviour in your own program.
+
+    Why: with the scheduler on (the default in jax 0.10), Exact-GIT's ResNet
+    generator (several implicit-gradient CG solves, ``lax.custom_linear_solve``,
+    in one program) was seen to hang forever on a 2-core CPU: the program never
+    finished and used no CPU. The flag only changes the order of independent ops
+    on CPU; GPU/TPU ignore it. Not a complete fix: one Exact-GIT ResNet
+    configuration (tv_weight > 0) still hung (README, "Known limits").
+
+    XLA reads the flag when the CPU backend starts, so after that it has no
+    effect: then this warns and returns False. Returns True when the flag is in
+    effect for the backend that will start (set here or by the user).
     """
+    import sys
+    import warnings
+
     flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
     flags = os.environ.get("XLA_FLAGS", "")
-    if flag not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {flag}=false".strip()
+    if flag in flags:
+        return True
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}=false".strip()
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
 
+        if xla_bridge.backends_are_initialized():
+            warnings.warn("gitjax.configure_xla_cpu() was called after JAX started its backend, so the XLA:CPU "
+                          "scheduler flag has no effect in this process; call it before the first JAX "
+                          "operation (or set XLA_FLAGS=" + flag + "=false)", RuntimeWarning, stacklevel=2)
+            return False
+    return True
 
-_xla_cpu_workaround()
 
 _EXPORTS = {
     "make_victim": "gitjax.victims",
@@ -48,16 +68,19 @@ _EXPORTS = {
     "build_generator": "gitjax.generators",
     "TrainConfig": "gitjax.configs",
     "train_prior": "gitjax.train",
-    "load_prior": "gitjax.train",
-    "attack": "gitjax.attacks.git",
-    "Prior": "gitjax.attacks.git",
+    "load_prior": "gitjax.prior",
+    "attack": "gitjax.prior",
+    "Prior": "gitjax.prior",
+    "save_prior": "gitjax.prior",
+    "check_gradients": "gitjax.prior",
     "AttackProblem": "gitjax.attacks",
     "run_attack": "gitjax.attacks",
     "evaluate": "gitjax.metrics",
+    "run_pipeline": "gitjax.pipeline",
     "load_dataset": "gitjax.data",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "configure_xla_cpu"])
 
 
 def __getattr__(name: str):

@@ -14,6 +14,13 @@ wrong values), so ``restore`` recomputes the fingerprint and refuses a mismatch.
 Every failure (missing directory, no step, unreadable or altered files) raises
 :class:`CheckpointError` naming the path and what is wrong.
 
+A broken NEWEST step (an empty step folder, a missing item, garbled JSON or
+array files, e.g. from a crash mid-write) does not stop a run: ``latest_step``
+skips step folders that are visibly incomplete, and ``restore(None, ...)`` falls
+back from the newest step to the newest good one, each with a one-line warning.
+A writable checkpointer moves the broken step folders aside (``<step>.corrupt``)
+so that training can save that step again. An explicitly named step is strict.
+
 Multi-host: every process calls ``save``/``restore`` (orbax coordinates the
 writes); the arrays are replicated, so every process computes the same fingerprint.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,12 @@ import orbax.checkpoint as ocp
 from gitjax.types import GitjaxError
 
 CHECKPOINT_SUBDIR = "checkpoints"
+# The checkpoint of the step with the best validation PSNR lives apart from the rolling
+# ones (which keep_checkpoints prunes); BEST_FILE records its step and numbers.
+BEST_SUBDIR = "best"
+BEST_FILE = "best.json"
 ITEMS = ("state", "victim", "config", "meta")
+_WARNED: set[tuple[str, int]] = set()  # (directory, step) already reported as broken in this process
 
 
 class CheckpointError(GitjaxError):
@@ -42,6 +55,10 @@ class CheckpointError(GitjaxError):
 
 class ConfigMismatchError(CheckpointError):
     """Resuming with a config that differs from the saved one in a field that changes the run."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint step is unusable; an older good step is used instead."""
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -84,7 +101,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> tuple[Path, int | No
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"checkpoint path {p} does not exist")
+        raise CheckpointError(f"checkpoint path {p} does not exist; pass the --workdir of a gitjax train-prior run")
     if (p / CHECKPOINT_SUBDIR).is_dir():
         return (p / CHECKPOINT_SUBDIR).resolve(), None
     if _is_step_dir(p) and any((p / item).exists() for item in ITEMS):
@@ -116,6 +133,9 @@ class PriorCheckpointer:
         self.directory = Path(directory).expanduser().resolve()
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
+        self.read_only = read_only
+        if read_only:  # what orbax forces for read-only managers anyway (it would log a warning for each)
+            max_to_keep, save_interval_steps = None, 0
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
             create=not read_only, read_only=read_only,
@@ -130,8 +150,43 @@ class PriorCheckpointer:
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        """The newest step whose folder is complete (see ``step_problem``); None if there is none.
+
+        Newer step folders that are visibly broken are skipped with a one-line warning.
+        """
+        skipped = []
+        for step in reversed(self.all_steps()):
+            problem = self.step_problem(step)
+            if problem is None:
+                self._warn_skip(skipped, step)
+                return step
+            skipped.append((step, problem))
+        return None
+
+    def step_problem(self, step: int) -> str | None:
+        """None if ``step``'s folder looks complete (every item present, meta readable), else what is wrong.
+
+        Cheap (no array is read): garbled array data is only found by ``restore``.
+        """
+        d = self.step_dir(step)
+        missing = [item for item in ITEMS if not (d / item).is_dir()]
+        if missing:
+            return "an empty step folder" if len(missing) == len(ITEMS) else f"missing item(s) {', '.join(missing)}"
+        try:
+            meta = self._restore_json(step, "meta")
+        except CheckpointError as e:
+            return str(e)
+        if "fingerprint" not in meta:
+            return "its meta item has no fingerprint"
+        return None
+
+    def _warn_skip(self, skipped: list[tuple[int, str]], used: int) -> None:
+        """One warning line per broken step passed over on the way to step ``used`` (once per process)."""
+        for step, problem in skipped:
+            if (str(self.directory), step) not in _WARNED:
+                _WARNED.add((str(self.directory), step))
+                warnings.warn(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
+                              f"using step {used}", CheckpointFallbackWarning, stacklevel=4)
 
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
@@ -199,15 +254,51 @@ class PriorCheckpointer:
         """Restores (state, victim, step) onto the shardings of the abstract pytrees.
 
         Args:
-          step: a saved step, or None for the latest.
+          step: a saved step (strict: it must restore), or None for the newest GOOD
+            step: a newer step that fails to restore is skipped with a one-line
+            warning (and, if writable, moved aside to ``<step>.corrupt``).
           abstract_state, abstract_victim: ``jax.ShapeDtypeStruct`` pytrees (with
             ``sharding``) of the same structure as what was saved.
 
         Raises:
           CheckpointError: no such step, unreadable/garbled files, or contents
-            whose fingerprint differs from the one recorded at save time.
+            whose fingerprint differs from the one recorded at save time; for
+            step=None, when no step restores (naming each step's problem).
         """
-        step = self._require_step(step)
+        if step is not None:
+            return self._restore_step(self._require_step(step), abstract_state, abstract_victim)
+        problems = []
+        for s in reversed(self.all_steps()):
+            problem = self.step_problem(s)
+            if problem is None:
+                try:
+                    out = self._restore_step(s, abstract_state, abstract_victim)
+                except CheckpointError as e:
+                    problem = str(e)
+                else:
+                    self._warn_skip(problems, s)
+                    self._quarantine(problems)
+                    return out
+            problems.append((s, problem))
+        if not problems:
+            raise CheckpointError(f"no checkpoint found in {self.directory} (no completed step folders)")
+        shown = "; ".join(f"step {s}: {p}" for s, p in problems)
+        raise CheckpointError(f"no usable checkpoint in {self.directory}: {shown}")
+
+    def _quarantine(self, broken: list[tuple[int, str]]) -> None:
+        """Moves broken step folders newer than the restored one aside, so training can save those steps again."""
+        if self.read_only or not broken or jax.process_index() != 0:
+            return
+        for s, _ in broken:
+            src = self.step_dir(s)
+            dst = src.with_name(f"{s}.corrupt")
+            n = 1
+            while dst.exists():
+                dst, n = src.with_name(f"{s}.corrupt{n}"), n + 1
+            src.rename(dst)
+        self._manager.reload()
+
+    def _restore_step(self, step: int, abstract_state: Any, abstract_victim: Any) -> tuple[Any, Any, int]:
         meta = self.restore_meta(step)
         path = self.step_dir(step)
         try:
@@ -248,5 +339,11 @@ class PriorCheckpointer:
 
 
 def quiet_orbax_logs() -> None:
-    """Orbax logs every save at INFO through absl; keep the progress bar readable."""
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    """Orbax logs every save at INFO through absl; keep the progress bar readable.
+
+    Only raises the threshold to WARNING if it is lower: the CLI sets ERROR by
+    default (``--verbose`` keeps everything) and a library call must not undo it.
+    """
+    logger = logging.getLogger("absl")
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)

@@ -38,6 +38,9 @@ __all__ = [
     "load_embedded",
     "load_tfds",
     "normalization",
+    "source_photos",
+    "split_validation",
+    "VALIDATION_SOURCES",
 ]
 
 # ITU-R BT.601 luma weights, the ones PIL's convert("L") and torchvision use.
@@ -323,6 +326,19 @@ _PHOTO_SOURCES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+# Validation (model selection) comes from TRAIN photographs held out of training: the
+# fixed-patches path drops their patches and the stream (gitjax.stream) never crops them,
+# so no validation pixel is ever trained on, and the test photos stay for final numbers.
+# coffee (400x600) is the train photo whose patches are most like the test photos' (PSNR of
+# the dataset-mean image 12.9 dB vs test 11.0; of each patch's own mean colour 18.4 vs 18.9;
+# chelsea, the other candidate, is near-monochrome: 17.2 / 20.1): its 263 patches validate.
+VALIDATION_SOURCES: dict[str, tuple[str, ...]] = {
+    "patches": ("coffee",),
+    "textures": ("coins",),
+}
+# Datasets without source photos hold out every 10th train example (stratified by position).
+_VALIDATION_EVERY = 10
+
 _DIGITS_TRAIN = 1500  # load_digits has 1797 images: [0, 1500) train, rest test
 _FACES_PER_CLASS = 100  # lfw_subset: 100 faces, then 100 non-faces
 _FACES_TRAIN_PER_CLASS = 80
@@ -392,6 +408,47 @@ def _build_photo_patches(name: str, split: str, image_size: int) -> tuple[np.nda
     images_all, ids_all, keep_all = map(np.concatenate, (images, ids, keep))
     labels_all = _pseudo_labels(split, len(images_all))
     return images_all[keep_all], labels_all[keep_all], ids_all[keep_all]
+
+
+def source_photos(name: str, split: str = "train", channels: int = 3,
+                  exclude_validation: bool = True) -> list[np.ndarray]:
+    """The bundled full-resolution photos behind a photo dataset's split (what gitjax.stream crops).
+
+    Args:
+      name: a photo dataset ("patches" or "textures").
+      split: "train" or "test".
+      channels: 1 (BT.601 luma) or 3 (grey sources repeated).
+      exclude_validation: for "train", leave out ``VALIDATION_SOURCES[name]``.
+
+    Returns:
+      One float32 (H, W, channels) array in [0, 1] per photo, in the split's order, at the
+      photo's native size (e.g. retina 1411 x 1411).
+    """
+    if name not in _PHOTO_SOURCES:
+        raise ValueError(f"dataset {name!r} has no source photos; photo datasets: {sorted(_PHOTO_SOURCES)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+    _check_channels(channels)
+    held_out = VALIDATION_SOURCES.get(name, ()) if (split == "train" and exclude_validation) else ()
+    return [_to_channels(_load_source_photo(s)[None], channels)[0]
+            for s in _PHOTO_SOURCES[name][split] if s not in held_out]
+
+
+def split_validation(ds: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """(fit, val): a train split divided into the part to train on and the validation part.
+
+    Photo datasets (``VALIDATION_SOURCES``) hold out whole source photos, so fit and val
+    share no pixel; any other dataset holds out every 10th example (by position). The two
+    parts are disjoint and together are ``ds``.
+    """
+    if ds.name in VALIDATION_SOURCES:
+        sources = _PHOTO_SOURCES[ds.name]
+        all_sources = sources["train"] + sources["test"]  # the global source_ids of _build_photo_patches
+        held = [all_sources.index(s) for s in VALIDATION_SOURCES[ds.name]]
+        is_val = np.isin(ds.source_ids, held)
+    else:
+        is_val = np.arange(len(ds)) % _VALIDATION_EVERY == _VALIDATION_EVERY - 1
+    return ds.subset(np.flatnonzero(~is_val)), ds.subset(np.flatnonzero(is_val))
 
 
 def _build_digits(split: str, image_size: int) -> tuple[np.ndarray, ...]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gitjax.leakage import batch_grad, per_example_grads
-from gitjax.types import Array, Grads, ModelState, Params, PRNGKey
+from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
 
 
@@ -51,14 +51,14 @@ def _leaf_keys(key: PRNGKey, grads: Grads) -> tuple[list[Array], list[PRNGKey], 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(msg)
+        raise GitjaxError(msg)  # a ValueError: bad hyper-parameters are bad user input
 
 
 def _finite_number(x: float, name: str) -> float:
     try:
         x = float(x)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {x!r}") from None
+        raise GitjaxError(f"{name} must be a number, got {x!r}") from None
     _check(math.isfinite(x), f"{name} must be finite, got {x}")
     return x
 
@@ -166,6 +166,7 @@ def topk_prune(ratio: float, per_layer: bool = True) -> Transform:
     """
     ratio = _finite_number(ratio, "ratio")
     _check(0 <= ratio < 1, f"prune ratio must be in [0, 1), got {ratio}")
+    _check(isinstance(per_layer, bool), f"prune per_layer must be true or false, got {per_layer!r}")
 
     def transform(key: PRNGKey, grads: Grads) -> Grads:
         del key  # deterministic
@@ -196,6 +197,7 @@ def quantize(bits: int, stochastic: bool = False) -> Transform:
     """
     _check(isinstance(bits, int) and not isinstance(bits, bool), f"quantize bits must be an int, got {bits!r}")
     _check(1 <= bits <= 24, f"quantize bits must be in [1, 24], got {bits}")
+    _check(isinstance(stochastic, bool), f"quantize stochastic must be true or false, got {stochastic!r}")
     levels = 2**bits - 1  # number of steps between -s and s
 
     def transform(key: PRNGKey, grads: Grads) -> Grads:
@@ -280,17 +282,22 @@ def list_defenses() -> dict[str, str]:
 def make_defense(name: str, **kwargs) -> Transform:
     """Builds a registered defence, e.g. make_defense("gaussian", std=1e-2).
 
-    Raises ValueError for unknown names, unknown or missing hyper-parameters, and
-    out-of-range values.
+    Raises GitjaxError (a ValueError), one line, for unknown names, unknown or
+    missing hyper-parameters, and out-of-range values.
     """
     if name not in DEFENSES:
-        raise ValueError(f"unknown defence {name!r}; available: {', '.join(DEFENSES)}")
+        raise GitjaxError(f"unknown defence {name!r}; available: {', '.join(DEFENSES)}")
     factory = DEFENSES[name]
-    sig = inspect.signature(factory)
-    try:
-        sig.bind(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad hyper-parameters for defence {name!r} {sig}: {e}") from None
+    params = inspect.signature(factory).parameters
+    takes = ", ".join(f"{p.name}=<{p.annotation}>" if p.default is p.empty else f"{p.name} (default {p.default})"
+                      for p in params.values()) or "no hyper-parameters"
+    unknown = [k for k in kwargs if k not in params]
+    missing = [p.name for p in params.values() if p.default is p.empty and p.name not in kwargs]
+    if unknown:
+        raise GitjaxError(f"defence {name!r} has no hyper-parameter {', '.join(map(repr, unknown))}; "
+                          f"it takes: {takes}")
+    if missing:
+        raise GitjaxError(f"defence {name!r} needs {', '.join(map(repr, missing))}; it takes: {takes}")
     return factory(**kwargs)
 
 

@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from gitjax import leakage, metrics, viz
-from gitjax.attacks import AttackProblem, get_attack
-from gitjax.attacks import git as git_attack
+from gitjax import metrics, viz
+from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
 
 
 def demo_config(victim: str, prior_steps: int, seed: int, generator: str = "coarse"):
@@ -42,7 +39,10 @@ def demo_config(victim: str, prior_steps: int, seed: int, generator: str = "coar
 def run_demo(out: str | Path = "outputs/demo", victim: str = "lenet", prior_steps: int = 400, ig_steps: int = 200,
              num_images: int = 8, seed: int = 0, generator: str = "coarse", progress: bool = True) -> dict[str, Any]:
     """Runs the demo and returns the summary rows; see the module docstring."""
+    from gitjax.attacks.git import GITConfig
+    from gitjax.attacks.ig import IGConfig
     from gitjax.data import load_dataset
+    from gitjax.prior import load_prior
     from gitjax.train import train_prior
 
     out = Path(out)
@@ -50,52 +50,40 @@ def run_demo(out: str | Path = "outputs/demo", victim: str = "lenet", prior_step
     t0 = time.perf_counter()
     print(f"[1/3] training a {generator}-GIT prior for {victim} on embedded patches ({prior_steps} steps)")
     train_prior(demo_config(victim, prior_steps, seed, generator), out / "prior", resume=True, progress=progress)
-    loaded = git_attack.load(str(out / "prior"))
-    vic, params, state = loaded.victim, loaded.prior.victim_params, loaded.victim_state
+    attacker = attacker_from_prior(load_prior(out / "prior"))
+    vic = attacker.victim
     train_s = time.perf_counter() - t0
 
     print(f"[2/3] leaking gradients of {num_images} held-out test images")
     test = load_dataset("patches", "test", image_size=vic.input_shape[0], channels=vic.input_shape[2])
     idx = np.random.default_rng(seed).choice(len(test), num_images, replace=False)
-    grad_fn = jax.jit(lambda x, y: leakage.batch_grad(vic, params, state, x, y))
+    truth = test.images[idx]
+    x_Nx1, y_Nx1 = truth[:, None], np.asarray(test.labels[idx], np.int32)[:, None]
+    k_leak, k_attack = jax.random.split(jax.random.key(seed))
+    grads_N = leak(vic, attacker.params, attacker.state, x_Nx1, y_Nx1, k_leak)
 
     print(f"[3/3] attacking: git (one-shot), ig ({ig_steps} steps), git+ig ({ig_steps} steps)")
-    ig_cfg = dataclasses.replace(get_attack("ig").config_cls(), steps=ig_steps)
+    ig_cfg = IGConfig(steps=ig_steps)
     methods = {
-        "git": (get_attack("git"), git_attack.GITConfig(checkpoint=str(out / "prior"))),
-        "ig": (get_attack("ig"), ig_cfg),
-        "git+ig": (get_attack("git+ig"), git_attack.GITConfig(checkpoint=str(out / "prior"),
-                                                                 refine_config=dataclasses.replace(ig_cfg, lr=0.05))),
+        "git": GITConfig(),
+        "ig": ig_cfg,
+        "git+ig": GITConfig(refine_config=dataclasses.replace(ig_cfg, lr=0.05)),
     }
-    recon = {m: [] for m in methods}
-    info = {m: [] for m in methods}
-    labels_ok = []
-    key = jax.random.key(seed)
-    truth = test.images[idx]
-    for i in tqdm(range(num_images), desc="attacks", disable=not progress):
-        x, y = jnp.asarray(truth[i:i + 1]), jnp.asarray(test.labels[idx[i]:idx[i] + 1])
-        problem = AttackProblem(vic, params, state, grad_fn(x, y), batch_size=1)
-        for m, (spec, cfg) in methods.items():
-            key, sub = jax.random.split(key)
-            res = spec.run(problem, sub, cfg)
-            recon[m].append(np.asarray(res.images))
-            info[m].append(res.info)
-            if m == "ig":
-                labels_ok.append(float(np.asarray(res.labels)[0] == int(y[0])))
-    rows = []
-    for m in methods:
-        r = np.concatenate(recon[m])
-        ev = metrics.evaluate(r, truth, match=False)
-        rows.append({"method": m, "psnr": ev["psnr"], "ssim": ev["ssim"], "mse": ev["mse"],
-                     "seconds/image": float(np.mean([d.get("seconds", np.nan) for d in info[m]])),
-                     "iterations": info[m][0].get("iterations", 0)})
-    viz.save_grid(out / "reconstruction.png", [truth] + [np.concatenate(recon[m]) for m in methods],
-                  ["truth", *methods])
+    rows, recon, label_acc = [], {}, None
+    for i, (m, cfg) in enumerate(methods.items()):
+        rec = reconstruct(m, attacker, grads_N, jax.random.fold_in(k_attack, i), batch_size=1, config=cfg)
+        sc = score(rec.images, x_Nx1, rec.labels, y_Nx1)
+        recon[m] = rec.images[:, 0]
+        if m == "ig":
+            label_acc = sc["label_acc"]
+        rows.append({"method": m, "psnr": sc["psnr"], "ssim": sc["ssim"], "mse": sc["mse"],
+                     "seconds/image": rec.info["seconds"] / num_images, "iterations": rec.info["iterations"]})
+    rows += metrics.oracle_rows(truth, attacker.mean_image)  # what structure vs colour looks like in dB
+    viz.save_grid(out / "reconstruction.png", [truth] + list(recon.values()), ["truth", *methods])
     summary = {"victim": vic.name, "images": num_images, "prior_train_seconds": train_s,
-               "label_accuracy_idlg": float(np.mean(labels_ok)), "results": rows,
-               "total_seconds": time.perf_counter() - t0}
+               "label_accuracy_idlg": label_acc, "results": rows, "total_seconds": time.perf_counter() - t0}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(viz.format_table(rows))
+    print(viz.format_table(rows, ["method", "psnr", "ssim", "mse", "seconds/image", "iterations"]))
     print(f"label accuracy (iDLG rule): {summary['label_accuracy_idlg']:.0%}")
     print(f"wrote {out / 'reconstruction.png'} and {out / 'metrics.json'} ({summary['total_seconds']:.0f} s)")
     return summary

@@ -6,9 +6,12 @@ G(g(x)) ~ x with a pixel MSE. This module is that one trainer, read top to
 bottom: mesh / input / model / shard / checkpoint / step / eval / loop.
 
 Each step:
-  1. draws N*B auxiliary images; the indices are a pure function of (seed, step),
-     so a resumed run sees exactly the data of an uninterrupted one, whatever
-     the number of hosts; each process materialises only its own rows;
+  1. draws N*B auxiliary images: fixed examples of the dataset's train split
+     (minus its validation part) at indices that are a pure function of (seed,
+     step), each process materialising only its own rows; or, with
+     ``config.stream``, fresh images generated inside the jitted step from the
+     step's key (gitjax.stream). Either way a resumed run sees exactly the data
+     of an uninterrupted one, whatever the number of hosts;
   2. computes the N leaked gradients inside the jitted step, each the batch mean
      over its group of B images (``vmap(batch_grad)`` over N), at the
      attacker's copy of the victim params, optionally perturbed (parameter
@@ -16,13 +19,19 @@ Each step:
   3. regresses G's output to the images (MSE + optional TV), AdamW with
      warmup-cosine and global-norm clipping, and keeps an EMA of G's params.
 
+Evaluation: the EMA generator on fixed validation pairs (held-out train photographs,
+gitjax.data.split_validation) every ``eval_every`` steps; the step with the best
+validation PSNR is also saved to ``workdir/best/`` (``best.json`` names it, and
+``load_prior`` loads it by default); the test split is evaluated at step 0 and at the
+end only (final EMA params and best params: ``test_*`` and ``best_test_*``).
+
 Data parallel: one ``jax.jit`` over a 1-D ("data",) mesh; the N axis of the batch
 is sharded, params and optimiser state replicated, XLA adds the all-reduce.
 
 Public API::
 
     result = train_prior(config, workdir)                 # -> TrainResult
-    prior = load_prior(workdir)                            # -> Prior (generator, gen_params=EMA, victim, victim_params, config)
+    prior = load_prior(workdir)                            # -> gitjax.prior.Prior (EMA gen params, victim, ...)
 
 The attacker's victim params are drawn from ``config.seed`` (optionally trained
 ``victim_pretrain_steps`` SGD steps on the auxiliary train split) and saved with
@@ -36,10 +45,11 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,16 +57,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from gitjax import parallel
 from gitjax.checkpoint import (
+    BEST_FILE,
+    BEST_SUBDIR,
     CHECKPOINT_SUBDIR,
     CheckpointError,
     ConfigMismatchError,
     PriorCheckpointer,
     quiet_orbax_logs,
-    resolve_checkpoint_dir,
 )
 from gitjax.configs import (
     ConfigError,
@@ -68,6 +79,8 @@ from gitjax.configs import (
     get_preset,
 )
 from gitjax.leakage import batch_grad, leaked_group_grads
+from gitjax.prior import Prior, load_prior  # noqa: F401 - re-exported for compatibility
+from gitjax.stream import StreamSources, make_draw, make_sources, stream_key
 from gitjax.types import Array, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim, make_victim
 
@@ -105,31 +118,30 @@ class TrainResult:
     history: list[dict[str, Any]]
     config: TrainConfig
     workdir: Path
+    best_step: int | None = None  # the step with the best validation PSNR (None: never evaluated)
+    best_params: Params | None = None  # its EMA params
 
-
-class Prior(NamedTuple):
-    """A trained prior for the attack side; unpacks as (generator, gen_params, victim, victim_params, config).
-
-    ``gen_params`` are the EMA params. The victim's non-trainable state (BatchNorm
-    statistics, {} for most victims) is the extra attribute ``victim_state``.
-    """
-
-    generator: nn.Module
-    gen_params: Params
-    victim: Victim
-    victim_params: Params
-    config: TrainConfig
-
-
-class _LoadedPrior(Prior):
-    victim_state: ModelState  # set by load_prior (a NamedTuple subclass may carry attributes)
+    @property
+    def prior(self) -> Prior:
+        """The trained prior as attacks take it, without reloading from disk: the best-by-validation
+        EMA params when the run evaluated (as ``load_prior(workdir)`` returns), else the final ones."""
+        params = self.params if self.best_params is None else self.best_params
+        return Prior(params, self.victim_params, self.victim_state, self.generator, self.victim, self.config)
 
 
 # ----------------------------------------------------------------------------- pure pieces
 
 
 def make_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warm-up to ``lr`` then cosine decay to ``lr * end_lr_ratio`` at ``steps`` (or constant)."""
+    """Linear warm-up to ``lr`` then cosine decay to ``lr * end_lr_ratio`` at ``steps`` (or constant, or step)."""
+    if config.schedule == "step":
+        boundary, warm, lr, ratio = int(config.decay_at * config.steps), max(config.warmup, 1), config.lr, config.end_lr_ratio
+
+        def step_schedule(count: Array) -> Array:
+            ramp = jnp.minimum(1.0, count / warm) if config.warmup else 1.0
+            return lr * ramp * jnp.where(count < boundary, 1.0, ratio)
+
+        return step_schedule
     if config.schedule == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, config.lr, max(config.warmup, 1)), optax.constant_schedule(config.lr)],
@@ -256,6 +268,35 @@ def _local_batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, config
     return parallel.global_batch_from_local(x, mesh, n), parallel.global_batch_from_local(y, mesh, n)
 
 
+def sort_groups(x_NxBxHxWxC: Array, y_NxB: Array) -> tuple[Array, Array]:
+    """``gather_groups``' order inside jit: each group of B sorted by (label, brightness)."""
+    key_NxB = y_NxB + 0.5 * jnp.mean(x_NxBxHxWxC, axis=(2, 3, 4))
+    order = jnp.argsort(key_NxB, axis=1, stable=True)
+    return (jnp.take_along_axis(x_NxBxHxWxC, order[:, :, None, None, None], axis=1),
+            jnp.take_along_axis(y_NxB, order, axis=1))
+
+
+def make_stream_step(config: TrainConfig, victim: Victim, train_step: Callable[..., Any], mesh: Mesh | None):
+    """``step(state, victim_params, victim_state, sources)``: draws the step's N*B stream images
+    from ``stream_key(state.rng)`` (the state's key is a pure function of (seed, step): exact
+    resume, and the compiled step does not depend on the seed), then runs ``train_step``."""
+    n, b = config.global_batch, config.victim_batch
+    draw = make_draw(config.stream, tuple(victim.input_shape), victim.num_classes)
+
+    def stream_step(state: TrainState, victim_params: Params, victim_state: ModelState,
+                    sources: StreamSources) -> tuple[TrainState, dict[str, Array]]:
+        x, y = draw(sources, stream_key(state.rng), n * b)
+        x, y = x.reshape(n, b, *victim.input_shape), y.reshape(n, b)
+        if config.sort_by_label and b > 1:
+            x, y = sort_groups(x, y)
+        if mesh is not None:  # generated whole, then laid out like a fed batch
+            x = jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh))
+            y = jax.lax.with_sharding_constraint(y, parallel.batch_sharding(mesh))
+        return train_step(state, victim_params, victim_state, x, y)
+
+    return stream_step
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -313,6 +354,7 @@ class _Compiled:
     generator: nn.Module
     init: Callable[..., TrainState]
     train_step: Callable[..., tuple[TrainState, dict[str, Array]]]
+    stream_step: Callable[..., tuple[TrainState, dict[str, Array]]] | None
     eval_step: Callable[..., dict[str, Array]]
     state_sharding: Any
     abstract_state: Any
@@ -366,8 +408,8 @@ def _make_fns(config: TrainConfig, victim: Victim, generator: nn.Module, abstrac
                   x_NxBxHxWxC: Array, y_NxB: Array) -> dict[str, Array]:
         grads_N = leak_gradients(victim, victim_params, victim_state, x_NxBxHxWxC, y_NxB, mesh)
         x_hat = jnp.clip(generator.apply({"params": ema_params}, grads_N, victim_params), 0.0, 1.0)
-        return {"test_loss": jnp.mean(jnp.square(x_hat - x_NxBxHxWxC)),
-                "test_psnr": jnp.mean(psnr_per_image(x_hat, x_NxBxHxWxC))}
+        return {"loss": jnp.mean(jnp.square(x_hat - x_NxBxHxWxC)),
+                "psnr": jnp.mean(psnr_per_image(x_hat, x_NxBxHxWxC))}
 
     return init, train_step, eval_step
 
@@ -386,10 +428,15 @@ def _compiled(config: TrainConfig, victim: Victim, mesh: Mesh, abstract_victim: 
     init_jit = jax.jit(init, in_shardings=(repl, repl), out_shardings=state_sharding)
     step_jit = jax.jit(train_step, in_shardings=(state_sharding, repl, repl, batch, batch),
                        out_shardings=(state_sharding, repl), donate_argnums=(0,))
+    stream_jit = None
+    if config.stream.enabled:
+        stream_jit = jax.jit(make_stream_step(config, victim, train_step, mesh),
+                             in_shardings=(state_sharding, repl, repl, repl),
+                             out_shardings=(state_sharding, repl), donate_argnums=(0,))
     eval_jit = jax.jit(eval_step, in_shardings=(repl, repl, repl, batch, batch), out_shardings=repl)
     abstract_state = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract_state)
-    return _Compiled(generator, init_jit, step_jit, eval_jit, state_sharding, abstract_state)
+    return _Compiled(generator, init_jit, step_jit, stream_jit, eval_jit, state_sharding, abstract_state)
 
 
 class _Hashable:
@@ -409,7 +456,8 @@ class _Hashable:
 
 def _math_config(config: TrainConfig) -> TrainConfig:
     # Runtime-only fields do not change the compiled functions; normalise them for the cache key.
-    return dataclasses.replace(config, checkpoint_every=0, keep_checkpoints=0, log_every=0, eval_every=0)
+    # The seed only enters through init's argument, the state's key and host-side indices.
+    return dataclasses.replace(config, checkpoint_every=0, keep_checkpoints=0, log_every=0, eval_every=0, seed=0)
 
 
 # ----------------------------------------------------------------------------- metrics file
@@ -488,15 +536,16 @@ def train_prior(config: TrainConfig, workdir: str | Path, *, resume: bool = True
                           f"use a multiple of {n_dev}")
     n_eval = -(-config.eval_gradients // n_dev) * n_dev
 
-    # ---- input: whole splits in host memory; every step only gathers this process's rows.
-    from gitjax.data import load_dataset
+    # ---- input: whole splits in host memory; every step only gathers this process's rows
+    # (fixed examples) or draws its images inside the jitted step (stream).
+    from gitjax.data import load_dataset, source_photos, split_validation
 
     train_ds = load_dataset(config.dataset, "train")
+    fit_ds, val_ds = split_validation(train_ds)  # validation: never trained on (docs/data.md)
     test_ds = load_dataset(config.dataset, "test")
     b = config.victim_batch
-    eval_idx = np.random.default_rng([config.seed, 0xE7A1]).choice(
-        len(test_ds), size=n_eval * b, replace=n_eval * b > len(test_ds))
-    eval_x, eval_y = _local_batch(test_ds.images, test_ds.labels, eval_idx, config, n_eval, mesh)
+    val_x, val_y = _eval_batch(val_ds, [config.seed, 0x7A11], config, n_eval, mesh)
+    test_x, test_y = _eval_batch(test_ds, [config.seed, 0xE7A1], config, n_eval, mesh)
 
     # ---- model: the victim (the attacker's copy) and the generator mirroring it.
     victim = build_victim(config, train_ds.image_shape, train_ds.num_classes, train_ds.mean, train_ds.std)
@@ -507,25 +556,38 @@ def train_prior(config: TrainConfig, workdir: str | Path, *, resume: bool = True
 
     # ---- shard: compiled init/step/eval, state shardings (cached across calls).
     fns = _compiled(_math_config(config), victim, mesh, _Hashable(abstract_victim))
+    sources = None
+    if config.stream.enabled:  # the stream's photos / dataset images, replicated on the mesh
+        photos = (source_photos(config.dataset, "train", channels=train_ds.image_shape[-1])
+                  if config.stream.photos > 0 else None)
+        sources = parallel.replicate(make_sources(config.stream, photos, fit_ds.images, fit_ds.labels,
+                                                  out_side=min(train_ds.image_shape[:2])), mesh)
 
     # ---- checkpoint: restore (state, victim) or create them. Everything from here runs
     # under the mesh, so jitted functions see one context (and compile once).
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_path = workdir / METRICS_FILE
     ckpt = PriorCheckpointer(workdir / CHECKPOINT_SUBDIR, max_to_keep=config.keep_checkpoints or None)
+    best_ckpt = None
     try:
         with jax.set_mesh(mesh):
             state, victim_tree, start, history = _restore_or_init(
-                ckpt, config, resume, fns, victim, abstract_victim_sharded, train_ds, mesh, metrics_path)
+                ckpt, config, resume, fns, victim, abstract_victim_sharded, fit_ds, mesh, metrics_path)
             victim_params, victim_state = victim_tree["params"], victim_tree["state"]
             if is_main:
                 _write_metrics(metrics_path, history)  # drops records written after the restored checkpoint
             save_args = (victim_tree, config_to_dict(config), {"victim": _victim_meta(victim)})
+            best = _read_best(workdir, start, is_main)  # before the manager lists the directory
+            best_ckpt = PriorCheckpointer(workdir / BEST_SUBDIR, max_to_keep=1)
+            best_params = None
+            if best is not None:
+                best_params = best_ckpt.restore(best["step"], fns.abstract_state, abstract_victim_sharded)[0].ema_params
 
-            # ---- eval: test-split MSE / PSNR of the EMA generator on held-out (gradient, images) pairs.
-            def evaluate(st: TrainState) -> dict[str, float]:
-                out = jax.device_get(fns.eval_step(st.ema_params, victim_params, victim_state, eval_x, eval_y))
-                return {k: float(v) for k, v in out.items()}
+            # ---- eval: MSE / PSNR of the EMA generator on held-out (gradient, images) pairs:
+            # validation during training (model selection), test at step 0 and at the end.
+            def evaluate(params: Params, x: Array, y: Array, prefix: str) -> dict[str, float]:
+                out = jax.device_get(fns.eval_step(params, victim_params, victim_state, x, y))
+                return {f"{prefix}_{k}": float(v) for k, v in out.items()}
 
             def due(every: int, done: int) -> bool:
                 return done == stop or (every > 0 and done % every == 0)
@@ -536,9 +598,22 @@ def train_prior(config: TrainConfig, workdir: str | Path, *, resume: bool = True
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
 
+            def validate(st: TrainState, done: int) -> dict[str, float]:
+                nonlocal best, best_params
+                rec = evaluate(st.ema_params, val_x, val_y, "val")
+                if best is None or rec["val_psnr"] > best["val_psnr"]:
+                    # A copy: the state's buffers are donated to the next step.
+                    best_params = jax.tree_util.tree_map(jnp.copy, st.ema_params)
+                    best = {"step": done, "val_psnr": rec["val_psnr"], "val_loss": rec["val_loss"]}
+                    best_ckpt.save(done, st, *save_args)
+                    if is_main:
+                        _write_json(workdir / BEST_FILE, best)
+                return rec
+
             # ---- loop
             if start == 0 and stop > 0 and config.eval_every > 0:
-                emit({"step": 0, **evaluate(state)})  # the untrained baseline
+                # The untrained baseline.
+                emit({"step": 0, **validate(state, 0), **evaluate(state.ema_params, test_x, test_y, "test")})
             pbar = None
             if progress and is_main and start < stop:
                 from tqdm.auto import tqdm
@@ -546,9 +621,12 @@ def train_prior(config: TrainConfig, workdir: str | Path, *, resume: bool = True
                 pbar = tqdm(total=stop, initial=start, desc="prior", unit="step", dynamic_ncols=True)
             t_last, steps_since = time.perf_counter(), 0
             for step in range(start, stop):
-                idx = step_indices(config.seed, step, len(train_ds), n * b)
-                x, y = _local_batch(train_ds.images, train_ds.labels, idx, config, n, mesh)
-                state, metrics = fns.train_step(state, victim_params, victim_state, x, y)
+                if sources is not None:
+                    state, metrics = fns.stream_step(state, victim_params, victim_state, sources)
+                else:
+                    idx = step_indices(config.seed, step, len(fit_ds), n * b)
+                    x, y = _local_batch(fit_ds.images, fit_ds.labels, idx, config, n, mesh)
+                    state, metrics = fns.train_step(state, victim_params, victim_state, x, y)
                 done, steps_since = step + 1, steps_since + 1
                 record: dict[str, Any] = {}
                 if due(config.log_every, done):
@@ -559,7 +637,16 @@ def train_prior(config: TrainConfig, workdir: str | Path, *, resume: bool = True
                     if pbar is not None:
                         pbar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
                 if due(config.eval_every, done):
-                    record = {"step": done, **record, **evaluate(state)}
+                    record = {"step": done, **record, **validate(state, done)}
+                if done == config.steps:  # final numbers: the last EMA params and the best-by-validation ones
+                    record.update(evaluate(state.ema_params, test_x, test_y, "test"))
+                    if best is not None:
+                        best_test = evaluate(best_params, test_x, test_y, "test")
+                        best.update(test_psnr=best_test["test_psnr"], test_loss=best_test["test_loss"])
+                        record.update(best_step=best["step"], best_val_psnr=best["val_psnr"],
+                                      best_test_psnr=best["test_psnr"], best_test_loss=best["test_loss"])
+                        if is_main:
+                            _write_json(workdir / BEST_FILE, best)
                 if record:
                     emit(record)
                 if due(config.checkpoint_every, done):
@@ -574,8 +661,45 @@ def train_prior(config: TrainConfig, workdir: str | Path, *, resume: bool = True
                 ckpt.save(start, state, *save_args)
     finally:
         ckpt.close()  # waits for the last async save
+        if best_ckpt is not None:
+            best_ckpt.close()
     return TrainResult(state, state.ema_params, fns.generator, victim, victim_params, victim_state,
-                       history, config, workdir)
+                       history, config, workdir, None if best is None else best["step"], best_params)
+
+
+def _eval_batch(ds: Any, seed: list[int], config: TrainConfig, n_eval: int, mesh: Mesh) -> tuple[Array, Array]:
+    """A fixed set of n_eval held-out groups of B images of ``ds`` (drawn once from ``seed``)."""
+    b = config.victim_batch
+    idx = np.random.default_rng(seed).choice(len(ds), size=n_eval * b, replace=n_eval * b > len(ds))
+    return _local_batch(ds.images, ds.labels, idx, config, n_eval, mesh)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_best(workdir: Path, start: int, is_main: bool) -> dict[str, Any] | None:
+    """The best-by-validation record of an earlier part of this run, or None (then stale files go).
+
+    A best step beyond the restored step belongs to steps about to be redone (a kill
+    after the best save, before the next checkpoint): it is dropped and found again.
+    """
+    path, directory = workdir / BEST_FILE, workdir / BEST_SUBDIR
+    best = None
+    if start > 0 and path.exists():
+        try:
+            best = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            best = None
+        if not isinstance(best, dict) or not isinstance(best.get("step"), int) or best["step"] > start \
+                or not (directory / str(best["step"])).is_dir():
+            best = None
+    if best is None and is_main:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+    return best
 
 
 def _restore_or_init(ckpt: PriorCheckpointer, config: TrainConfig, resume: bool, fns: _Compiled, victim: Victim,
@@ -599,55 +723,15 @@ def _restore_or_init(ckpt: PriorCheckpointer, config: TrainConfig, resume: bool,
     if diff:
         shown = "; ".join(f"{k}: saved {a!r} vs now {v!r}" for k, (a, v) in diff.items())
         raise ConfigMismatchError(f"cannot resume from {ckpt.directory}: the config differs in {shown}")
-    state, victim_tree, start = ckpt.restore(latest, fns.abstract_state, abstract_victim)
+    # None: the newest step that restores (a broken newer one is skipped with a warning).
+    state, victim_tree, start = ckpt.restore(None, fns.abstract_state, abstract_victim)
     return state, victim_tree, start, _read_metrics(metrics_path, start)
 
 
 # ----------------------------------------------------------------------------- attack side
 
 
-def load_prior(path: str | Path, step: int | None = None) -> Prior:
-    """Loads a trained prior for attacks: (generator, EMA gen params, victim, victim params, config).
-
-    Args:
-      path: a run directory (``train_prior``'s workdir), its ``checkpoints/``
-        directory, or one step directory.
-      step: a saved step; default the one named by ``path`` or the latest.
-
-    Returns:
-      Prior (a NamedTuple; ``.victim_state`` holds the victim's non-trainable
-      state). Arrays live on the first local device.
-
-    Raises:
-      CheckpointError: nothing loadable at ``path``.
-    """
-    quiet_orbax_logs()
-    directory, path_step = resolve_checkpoint_dir(path)
-    step = path_step if step is None else step
-    with PriorCheckpointer(directory, max_to_keep=None, read_only=True) as ckpt:
-        if step is None:
-            step = ckpt.latest_step()
-            if step is None:
-                raise CheckpointError(f"no checkpoint found in {directory}")
-        try:
-            config = config_from_dict(ckpt.restore_config(step))
-        except ConfigError as e:
-            raise CheckpointError(f"checkpoint {directory / str(step)} holds an unreadable config: {e}") from e
-        vm = ckpt.restore_meta(step).get("victim")
-        if not vm:
-            raise CheckpointError(f"checkpoint {directory / str(step)} has no victim spec in its meta item")
-        victim = build_victim(config, vm["input_shape"], vm["num_classes"], vm["mean"], vm["std"])
-        device = SingleDeviceSharding(jax.local_devices()[0])
-        place = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)  # noqa: E731
-        abstract_victim = _abstract_victim(victim)
-        generator = _build_generator(config, victim, abstract_victim["params"])
-        init, _, _ = _make_fns(config, victim, generator, abstract_victim["params"])
-        abstract_state = jax.eval_shape(init, jnp.int32(0), abstract_victim["params"])
-        state, victim_tree, _ = ckpt.restore(step, jax.tree_util.tree_map(place, abstract_state),
-                                             jax.tree_util.tree_map(place, abstract_victim))
-    prior = _LoadedPrior(generator, state.ema_params, victim, victim_tree["params"], config)
-    prior.victim_state = victim_tree["state"]
-    return prior
+# ``load_prior`` and ``Prior`` live in gitjax.prior (the attack side needs no trainer); re-exported here.
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -663,6 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    import gitjax
+
+    gitjax.configure_xla_cpu()  # an entry point, like the gitjax CLI (import gitjax does not set it)
     parallel.maybe_initialize_distributed()  # before any JAX computation
     overrides = {} if args.steps is None else {"steps": args.steps}
     result = train_prior(get_preset(args.preset, **overrides), args.workdir, resume=not args.no_resume,

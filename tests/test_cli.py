@@ -1,6 +1,9 @@
 """The command line as a user meets it: listing, attacks end to end, clear one-line errors."""
 
 import json
+import logging
+import math
+import shutil
 
 import pytest
 
@@ -38,6 +41,105 @@ def test_unknown_attack_is_one_clear_line(capsys):
     assert "unknown attack 'nope'" in err and "Traceback" not in err
 
 
-def test_git_attack_without_checkpoint_says_so():
-    with pytest.raises(SystemExit, match="needs --checkpoint"):
-        main(["attack", "--method", "git"])
+def test_git_attack_without_checkpoint_says_so(capsys):
+    assert main(["attack", "--method", "git"]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- train-prior -> attack, end to end
+
+TINY_STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`gitjax train-prior --preset tiny --workdir W` (10 steps), as the README shows it."""
+    workdir = tmp_path_factory.mktemp("cli") / "tiny"
+    assert main(["--quiet", "train-prior", "--preset", "tiny", "--workdir", str(workdir),
+                 "--steps", str(TINY_STEPS)]) == 0
+    assert (workdir / "checkpoints" / str(TINY_STEPS)).is_dir()
+    return workdir
+
+
+def _attack_summary(out, capsys):
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert (out / "reconstruction.png").stat().st_size > 0
+    assert math.isfinite(summary["psnr"]) and math.isfinite(summary["mse"])
+    assert f"wrote {out}/reconstruction.png" in capsys.readouterr().out
+    return summary
+
+
+@pytest.mark.parametrize("method,extra", [("git", []), ("git+ig", ["--steps", "3"])])
+def test_train_prior_then_git_attacks_through_the_cli(tiny_run, tmp_path, capsys, method, extra):
+    out = tmp_path / method
+    rc = main(["--quiet", "attack", "--method", method, "--checkpoint", str(tiny_run), "--num-images", "2",
+               "--out", str(out), *extra])
+    assert rc == 0, capsys.readouterr().err
+    summary = _attack_summary(out, capsys)
+    assert summary["method"] == method and summary["victim"] == "mlp" and summary["images"] == 2
+    assert summary["iterations"] == (3 if method == "git+ig" else 0)
+
+
+def test_library_logs_are_quiet_unless_verbose(tiny_run, tmp_path, capsys, caplog):
+    """Orbax's notes on read-only checkpoints ("Given directory is read only") only with --verbose."""
+    def absl_warnings(verbose):
+        run = tmp_path / f"copy{verbose}"  # a fresh path: the prior loader caches by path
+        shutil.copytree(tiny_run, run)
+        caplog.clear()
+        argv = ["--quiet", *(["--verbose"] if verbose else []), "attack", "--method", "git", "--checkpoint",
+                str(run), "--num-images", "1", "--out", str(tmp_path / f"out{verbose}")]
+        assert main(argv) == 0
+        return [r.getMessage() for r in caplog.records if r.name == "absl" and r.levelno >= logging.WARNING]
+
+    assert absl_warnings(verbose=False) == []
+    assert any("read only" in m for m in absl_warnings(verbose=True))
+
+
+def test_attack_falls_back_past_an_empty_newest_checkpoint(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoints" / str(TINY_STEPS + 5)).mkdir()  # e.g. a save killed before it wrote anything
+    out = tmp_path / "out"
+    rc = main(["--quiet", "attack", "--method", "git", "--checkpoint", str(run), "--num-images", "1",
+               "--out", str(out)])
+    assert rc == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    warned = [ln for ln in err if ln.startswith("gitjax: warning: ")]
+    assert len(warned) == 1 and f"step {TINY_STEPS + 5}" in warned[0] and "empty step folder" in warned[0], err
+    assert (out / "metrics.json").exists()
+
+
+def test_rerun_with_more_steps_says_it_continues(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    assert main(["--quiet", "train-prior", "--preset", "tiny", "--workdir", str(run), "--steps", "12"]) == 0
+    err = capsys.readouterr().err
+    assert f"gitjax: continuing {run} from step {TINY_STEPS} to step 12" in err
+    assert (run / "checkpoints" / "12").is_dir()
+
+
+def test_rerun_of_a_finished_run_says_nothing_to_train(tiny_run, capsys):
+    assert main(["--quiet", "train-prior", "--preset", "tiny", "--workdir", str(tiny_run),
+                 "--steps", str(TINY_STEPS)]) == 0
+    assert f"already trained to step {TINY_STEPS}" in capsys.readouterr().err
+
+
+def test_git_attack_with_another_batch_size_is_one_line_before_work(tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["--quiet", "attack", "--method", "git", "--checkpoint", str(tiny_run), "--num-images", "2",
+               "--batch-size", "2", "--out", str(out)])
+    assert rc == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "reconstructs batches of 1 images" in err[0] and "--batch-size 1" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--no-resume"], "already holds a run (checkpoint at step"),
+    (["--lr", "0.5"], "holds a run with another config (lr: saved"),
+])
+def test_existing_run_conflicts_are_one_line(tiny_run, capsys, flags, needle):
+    argv = ["--quiet", "train-prior", "--preset", "tiny", "--workdir", str(tiny_run), "--steps", str(TINY_STEPS)]
+    assert main([*argv, *flags]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and needle in err[0], err

@@ -297,3 +297,30 @@ def test_load_dataset_dispatch_and_unknown() -> None:
     with pytest.raises(ValueError, match="valid names") as info:
         data.load_dataset("not_a_dataset")
     assert "patches" in str(info.value) and "cifar10" in str(info.value)
+
+
+# --------------------------------------------------------------------------
+# Validation split and source photos
+# --------------------------------------------------------------------------
+
+
+def test_validation_split_holds_out_whole_train_photos() -> None:
+    ds = data.load_dataset("patches", "train")
+    fit, val = data.split_validation(ds)
+    assert len(fit) + len(val) == len(ds) and len(val) == 263 and len(fit) == 1161
+    sources = data._PHOTO_SOURCES["patches"]["train"]
+    assert {sources[i] for i in set(val.source_ids.tolist())} == set(data.VALIDATION_SOURCES["patches"])
+    assert not set(val.source_ids.tolist()) & set(fit.source_ids.tolist())
+    digits_fit, digits_val = data.split_validation(data.load_dataset("digits", "train"))
+    assert len(digits_val) == 150 and len(digits_fit) == 1350
+    assert not set(digits_val.source_ids.tolist()) & set(digits_fit.source_ids.tolist())
+
+
+def test_source_photos_are_the_full_resolution_train_photos() -> None:
+    photos = data.source_photos("patches")
+    assert len(photos) == 6 and all(p.dtype == np.float32 and p.shape[-1] == 3 for p in photos)
+    assert max(p.shape[0] for p in photos) == 1411  # retina, native size
+    grey = data.source_photos("textures", channels=1)
+    assert len(grey) == 5 and all(p.shape[-1] == 1 for p in grey)
+    with pytest.raises(ValueError, match="no source photos"):
+        data.source_photos("digits")

@@ -11,7 +11,7 @@ from gitjax.defenses import (DEFENSES, compose, defended_gradient, dp_sgd, gauss
                              list_defenses, make_defense, quantize, sign_compress, topk_prune)
 from gitjax.discrepancy import perturb_params, relative_distance, train_params_further
 from gitjax.leakage import make_loss, per_example_grads
-from gitjax.types import GradientMismatchError
+from gitjax.types import GitjaxError, GradientMismatchError
 from gitjax.victims import make_victim
 
 KEY = jax.random.key(0)
@@ -242,10 +242,24 @@ def test_registry():
     np.testing.assert_array_equal(_flat(make_defense("prune", ratio=0.5)(KEY, g)), _flat(topk_prune(0.5)(KEY, g)))
     with pytest.raises(ValueError, match="unknown defence 'blur'.*gaussian"):
         make_defense("blur")
-    with pytest.raises(ValueError, match="bad hyper-parameters for defence 'gaussian'"):
+    with pytest.raises(GitjaxError, match="defence 'gaussian' has no hyper-parameter 'sigma'; it takes: std"):
         make_defense("gaussian", sigma=0.1)
-    with pytest.raises(ValueError, match="bad hyper-parameters for defence 'dpsgd'"):
+    with pytest.raises(GitjaxError, match="defence 'dpsgd' needs 'noise_multiplier'"):
         make_defense("dpsgd", clip_norm=1.0)
+
+
+@pytest.mark.parametrize("name,kwargs,bad", [
+    ("gaussian", {"std": -1}, "std must be >= 0, got -1"),
+    ("gaussian", {"std": "abc"}, "std must be a number, got 'abc'"),
+    ("gaussian", {"std": float("nan")}, "std must be finite"),
+    ("prune", {"ratio": 1.5}, r"ratio must be in \[0, 1\), got 1.5"),
+    ("prune", {"ratio": 0.5, "per_layer": "yes"}, "per_layer must be true or false"),
+    ("quantize", {"bits": 4, "stochastic": 1}, "stochastic must be true or false"),
+])
+def test_make_defense_rejects_bad_values_in_one_line(name, kwargs, bad):
+    with pytest.raises(GitjaxError, match=bad) as e:
+        make_defense(name, **kwargs)
+    assert "\n" not in str(e.value)
 
 
 REGISTRY_KWARGS = {

@@ -216,3 +216,52 @@ def test_non_4d_input_raises(fn):
     x = np.zeros((16, 16, 3), np.float32)
     with pytest.raises(ValueError, match="4-D"):
         fn(x, x)
+
+
+# ----------------------------------------------------------------------------- oracles
+
+
+def test_oracles_are_exact_on_a_flat_image():
+    """A flat image: the mean-colour oracle and both blurs reproduce it exactly (PSNR at the 100 dB cap)."""
+    flat = np.broadcast_to(np.array([0.2, 0.5, 0.9], np.float32), (2, 16, 16, 3)).copy()
+    rows = {r["method"]: r for r in metrics.oracle_rows(flat, mean_image_HxWxC=np.full((16, 16, 3), 0.5))}
+    assert list(rows) == ["oracle: mean image", "oracle: mean colour", "oracle: blur 1px", "oracle: blur 2px"]
+    for label in ("oracle: mean colour", "oracle: blur 1px", "oracle: blur 2px"):
+        assert rows[label]["psnr"] == pytest.approx(100.0), label
+    # The mean image (0.5 everywhere) misses the colour by (0.3, 0, 0.4): MSE = 0.25 / 3.
+    assert rows["oracle: mean image"]["mse"] == pytest.approx(0.25 / 3, rel=1e-5)
+
+
+def test_blur_oracle_of_a_checkerboard_loses_a_computable_amount():
+    """Checkerboard 0.5 +- 0.25: inside the image a Gaussian blur scales the +-0.25 by H(pi)^2, H(pi) =
+    sum_t k_t (-1)^t of the normalised 1-D kernel; everywhere it equals scipy's reflect-mode filter."""
+    from scipy.ndimage import gaussian_filter
+
+    i, j = np.meshgrid(np.arange(24), np.arange(24), indexing="ij")
+    board = (0.5 + 0.25 * (-1.0) ** (i + j))[None, :, :, None].repeat(3, axis=-1).astype(np.float32)
+    for sigma in (1.0, 2.0):
+        blurred = np.asarray(metrics.gaussian_blur(board, sigma))
+        ref = gaussian_filter(board[0].astype(np.float64), (sigma, sigma, 0), mode="reflect", truncate=4.0)
+        np.testing.assert_allclose(blurred[0], ref, atol=2e-6)
+        t = np.arange(-round(4 * sigma), round(4 * sigma) + 1)
+        k = np.exp(-0.5 * (t / sigma) ** 2)
+        h = np.sum(k / k.sum() * (-1.0) ** t)
+        r = round(4 * sigma)
+        inner = blurred[0, r:-r, r:-r] - 0.5
+        np.testing.assert_allclose(np.abs(inner), 0.25 * h * h, atol=2e-6)
+        want = 10 * np.log10(1.0 / np.mean((np.clip(ref, 0, 1) - board[0]) ** 2))
+        row = {r_["method"]: r_ for r_ in metrics.oracle_rows(board)}[f"oracle: blur {sigma:g}px"]
+        assert row["psnr"] == pytest.approx(want, abs=1e-3)
+        assert row["psnr"] < 30.0  # a pixel-scale pattern is (almost) erased
+    colour = {r_["method"]: r_ for r_ in metrics.oracle_rows(board)}["oracle: mean colour"]
+    assert colour["mse"] == pytest.approx(0.25 ** 2, rel=1e-5)
+
+
+def test_score_groups_matches_within_each_group():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(2, 3, 12, 12, 1)).astype(np.float32)
+    shuffled = x[:, ::-1]
+    out = metrics.score_groups(shuffled, x, np.array([[1, 2, 3], [0, 0, 1]]), np.array([[3, 2, 1], [0, 1, 1]]))
+    assert out["psnr"] == pytest.approx(100.0) and len(out["psnr_per_image"]) == 6
+    assert out["permutation_NxB"] == [[2, 1, 0], [2, 1, 0]]
+    assert out["label_acc"] == pytest.approx((1.0 + 2 / 3) / 2)

@@ -1,4 +1,4 @@
-"""The robustness study runner (gitjax/study.py) and its grids (experiments/configs.py), on smoke grids."""
+"""The robustness study (gitjax/study/: spec, grids, execute, report), on smoke grids."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from gitjax import defenses, study
+from gitjax.attacks import registry
+from gitjax.attacks.base import AttackResult, AttackSpec
 from gitjax.study import Budget, Defense, Method, Run
 
 EXPERIMENTS = study.load_experiments()
@@ -118,12 +120,18 @@ def test_cli_lists_and_dry_runs(capsys):
 # ----------------------------------------------------------------------------- failures and reruns (IG only)
 
 
-def _boom(ctx, key):
+def _boom(problem, key, config):
     raise RuntimeError("deliberate failure")
 
 
-def _nan_images(ctx, key):
-    return jnp.full(ctx.x_NxBxHxWxC.shape, jnp.nan), None
+def _nan_images(problem, key, config):
+    shape = (problem.batch_size, *problem.victim.input_shape)
+    return AttackResult(jnp.full(shape, jnp.nan), jnp.zeros((problem.batch_size,), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoConfig:
+    pass
 
 
 def _nan_defense():
@@ -131,8 +139,10 @@ def _nan_defense():
 
 
 def test_failed_runs_are_recorded_and_reruns_skip_finished_ones(tmp_path, monkeypatch):
-    monkeypatch.setitem(study.METHODS, "boom", Method(_boom))
-    monkeypatch.setitem(study.METHODS, "nan_images", Method(_nan_images))
+    # Failing attacks enter through the one registry, as any new attack would.
+    for name, fn in (("boom", _boom), ("nan_images", _nan_images)):
+        monkeypatch.setitem(registry.ATTACKS, name, AttackSpec(name, "closed-form", _NoConfig, fn, "test", "test"))
+        monkeypatch.setitem(study.METHODS, name, Method(name))
     monkeypatch.setitem(defenses.DEFENSES, "nan", _nan_defense)
     base = Run("noise", "mlp", "ig", budget=SMOKE, setting="injected", x=None)
     extra = [dataclasses.replace(base, method="boom"), dataclasses.replace(base, method="nan_images"),

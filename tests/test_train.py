@@ -28,7 +28,9 @@ from gitjax.configs import (
     get_preset,
     perturb,
 )
+from gitjax.stream import StreamConfig
 from gitjax.train import (
+    BEST_FILE,
     METRICS_FILE,
     load_prior,
     make_augment,
@@ -86,7 +88,16 @@ def test_metrics_jsonl_has_expected_keys(straight):
     for r in records:
         if "test_loss" in r:
             assert {"test_loss", "test_psnr"} <= set(r)
-    assert {r["step"] for r in records if "test_loss" in r} == {0, TINY.eval_every, TINY.steps}
+        if "val_loss" in r:
+            assert {"val_loss", "val_psnr"} <= set(r)
+    # Validation at every eval (model selection); the test split only at step 0 and at the end.
+    assert {r["step"] for r in records if "val_loss" in r} == {0, TINY.eval_every, TINY.steps}
+    assert {r["step"] for r in records if "test_loss" in r} == {0, TINY.steps}
+    last = records[-1]
+    assert last["best_step"] in (0, TINY.eval_every, TINY.steps)
+    assert last["best_val_psnr"] == max(r["val_psnr"] for r in records if "val_psnr" in r)
+    best = json.loads((straight.workdir / BEST_FILE).read_text())
+    assert best["step"] == last["best_step"] == straight.best_step and best["test_psnr"] == last["best_test_psnr"]
 
 
 # ----------------------------------------------------------------------------- resume / sharding
@@ -109,6 +120,48 @@ def test_resume_is_bit_identical(straight, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == TINY.steps
 
 
+def test_stream_resume_is_bit_identical(tmp_path):
+    """The stream draws its images from the step's key: a resumed run equals a straight one."""
+    cfg = TINY.replace(stream=StreamConfig(photos=2, dead_leaves=1, spectral=1), steps=12, warmup=2,
+                       eval_every=6, log_every=6)
+    mesh = parallel.make_mesh(jax.devices()[:1])  # the 8-device resume is test_resume_is_bit_identical's
+    straight_run = train_prior(cfg, tmp_path / "a", progress=False, mesh=mesh)
+    first = train_prior(cfg, tmp_path / "b", progress=False, until_step=5, mesh=mesh)
+    first_params = _leaves(first.state.params)
+    resumed = train_prior(cfg, tmp_path / "b", progress=False, mesh=mesh)
+    for x, y in zip(_leaves(straight_run.state), _leaves(resumed.state)):
+        assert np.array_equal(x, y)
+    # Not vacuous: steps 6-12 moved the params.
+    assert any(not np.array_equal(x, y) for x, y in zip(first_params, _leaves(resumed.state.params)))
+    assert int(resumed.state.step) == 12 and resumed.best_step == straight_run.best_step
+    assert resumed.history[-1]["best_test_psnr"] == straight_run.history[-1]["best_test_psnr"]
+
+
+# Stream vs fixed examples at equal steps (tiny victim and generator, N=16, 150 steps, one
+# device, seeds 0-2) on the smallest embedded set, faces: 144 fixed training images are seen
+# ~17 times each in 2400 examples, so the fixed run overfits while the stream (random-resized
+# crops, flips, jitter of the same images: never the same image twice) does not. Measured mean
+# validation MSE (all 16 validation faces): fixed 0.0200, stream 0.0164 (18 % lower; with 32
+# validation draws instead: 0.0227 vs 0.0182, per seed 0.021/0.016/0.031 vs 0.017/0.017/0.020,
+# so single seeds can reverse). The test asks the mean for >= 5 % lower.
+STREAM_VS_FIXED_MARGIN = 0.05
+
+
+def test_stream_beats_fixed_examples_at_equal_steps(tmp_path):
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    base = TINY.replace(dataset="faces", global_batch=16, steps=150, warmup=10, ema_decay=0.9,
+                        eval_gradients=16, eval_every=0, log_every=0)
+    losses = {"fixed": [], "stream": []}
+    for seed in range(3):
+        for arm, stream_cfg in (("fixed", StreamConfig()), ("stream", StreamConfig(dataset=1.0))):
+            r = train_prior(base.replace(seed=seed, stream=stream_cfg), tmp_path / f"{arm}{seed}",
+                            progress=False, mesh=mesh)
+            losses[arm].append(r.history[-1]["val_loss"])
+    fixed, streamed = np.mean(losses["fixed"]), np.mean(losses["stream"])
+    print(f"mean validation MSE over 3 seeds: fixed {fixed:.4f}, stream {streamed:.4f}")
+    assert streamed < (1.0 - STREAM_VS_FIXED_MARGIN) * fixed, losses
+
+
 def test_sharded_matches_single_device(tmp_path):
     assert jax.device_count() == 8
     one = train_prior(TINY, tmp_path / "one", progress=False, until_step=K,
@@ -124,8 +177,8 @@ def test_sharded_matches_single_device(tmp_path):
         np.testing.assert_allclose(x, y, rtol=0, atol=SHARD_ATOL)
     assert np.array_equal(np.asarray(one.state.rng), np.asarray(eight.state.rng))
     # Held-out metrics agree too.
-    t1 = [r for r in one.history if "test_loss" in r][-1]["test_loss"]
-    t8 = [r for r in eight.history if "test_loss" in r][-1]["test_loss"]
+    t1 = [r for r in one.history if "val_loss" in r][-1]["val_loss"]
+    t8 = [r for r in eight.history if "val_loss" in r][-1]["val_loss"]
     assert abs(t1 - t8) < 1e-5
 
 
@@ -138,10 +191,14 @@ def test_global_batch_must_split_over_devices(tmp_path):
 
 
 def test_load_prior_returns_ema_params_and_victim(straight):
-    prior = load_prior(straight.workdir)
-    generator, gen_params, victim, victim_params, config = prior
+    prior = load_prior(straight.workdir)  # the best-by-validation checkpoint
+    generator, gen_params, victim, victim_params, config = (prior.generator, prior.gen_params, prior.victim,
+                                                            prior.victim_params, prior.config)
     assert config == TINY and victim.name == TINY.victim
-    for x, y in zip(_leaves(gen_params), _leaves(straight.params)):
+    for x, y in zip(_leaves(gen_params), _leaves(straight.best_params)):
+        assert np.array_equal(x, y)
+    last = load_prior(straight.workdir / "checkpoints")  # the latest: the final EMA params
+    for x, y in zip(_leaves(last.gen_params), _leaves(straight.params)):
         assert np.array_equal(x, y)
     for x, y in zip(_leaves(victim_params), _leaves(straight.victim_params)):
         assert np.array_equal(x, y)
@@ -166,7 +223,7 @@ def test_garbled_checkpoint_raises_checkpoint_error(straight, tmp_path):
     raw[mid: mid + 64] = bytes((b ^ 0x5A) for b in raw[mid: mid + 64])
     data.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=str(step_dir)):
-        load_prior(run)
+        load_prior(run / "checkpoints")
     with pytest.raises(CheckpointError):
         train_prior(TINY, run, resume=True, progress=False)
 
@@ -176,7 +233,7 @@ def test_truncated_metadata_raises_checkpoint_error(straight, tmp_path):
     meta = run / "checkpoints" / str(TINY.steps) / "state" / "_METADATA"
     meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 3])
     with pytest.raises(CheckpointError, match="could not be restored|unreadable"):
-        load_prior(run)
+        load_prior(run / "checkpoints")
 
 
 def test_missing_checkpoint_raises_checkpoint_error(tmp_path):

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
+from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.layout import GradientLayout, LayerBlock
 from gitjax.types import Array, GitjaxError, ModelState, Params
 from gitjax.victims import Victim
@@ -257,11 +257,3 @@ def run(problem: AttackProblem, key, config: AnalyticConfig, **_) -> AttackResul
         "out_of_range": float(jnp.mean((x_BxHxWxC < -0.01) | (x_BxHxWxC > 1.01))),
     }
     return AttackResult(images=images, labels=jnp.asarray(labels, jnp.int32), info=info)
-
-
-register("analytic", AttackSpec(
-    run, AnalyticConfig,
-    threat_model="honest-but-curious server; victim's first layer dense over the image (e.g. 'mlp'); "
-                 "exact for B=1, per-example recovery in batches where ReLU units isolate examples",
-    paper="Phong et al. 2018 (IEEE TIFS); Geiping et al., breaching analytic attack",
-))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
+from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.iterative import match_reconstruct, run_iterative
 from gitjax.leakage import batch_grad
 from gitjax.losses import ExtraLoss, cosine_distance
@@ -193,16 +193,3 @@ def run_opt(problem: AttackProblem, key: PRNGKey, config: APRILOptConfig, x_init
     check_vit(problem.victim, problem.params)
     return run_iterative(_april_opt_jit, problem, key, config, x_init=x_init, x_prior=x_prior, x_true=x_true,
                          extra_loss=extra_loss)
-
-
-_PAPER = ("Lu, Chen, Zheng, Wang, Cui. APRIL: Finding the Achilles' Heel on Privacy for Vision Transformers. "
-          "CVPR 2022")
-register("april", AttackSpec(
-    run, APRILConfig,
-    threat_model="honest-but-curious server; batch of 1; ViT with a learnable positional embedding added to "
-                 "the patch tokens; exact when the embedding dim D >= number of tokens T",
-    paper=_PAPER))
-register("april-opt", AttackSpec(
-    run_opt, APRILOptConfig,
-    threat_model="honest-but-curious server; ViT with a learnable positional embedding; any batch size",
-    paper=_PAPER))

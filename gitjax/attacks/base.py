@@ -1,8 +1,12 @@
-"""The one interface every attack shares: an AttackProblem in, an AttackResult out.
+"""The one interface every attack shares: an AttackProblem (+ Hints) in, an AttackResult out.
 
-An attack is registered as ``ATTACKS[name] = AttackSpec(run, config_cls, threat_model, paper)``
-where ``run(problem, key, config) -> AttackResult``. ``run`` validates the
-problem on the host (clear errors), then calls jitted pure functions.
+Every attack is one :class:`AttackSpec` in the explicit dict ``gitjax.attacks.registry.ATTACKS``
+(nothing registers itself on import). One call signature for all::
+
+    spec.run(problem, key, config, hints) -> AttackResult     # host-validated, one problem
+
+and, for attacks whose core is a pure jittable function, ``spec.reconstruct`` with the
+signature of :data:`Reconstruct` (what ``gitjax.attacks.batched`` vmaps over N gradients).
 """
 
 from __future__ import annotations
@@ -63,35 +67,91 @@ class AttackResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class Hints:
+    """Side information an attack may use beyond the leaked gradient; each attack ignores what it does not read.
+
+    Attributes:
+      x_init: (B, H, W, C) start point of an optimisation attack (e.g. GIT's output).
+      x_prior: (B, H, W, C) image for a ``prior_weight * mean((x - x_prior)^2)`` penalty.
+      x_true: (B, H, W, C) ground truth, only to record PSNR per iteration (never used to attack).
+      prior: a ``gitjax.prior.Prior`` for the learned (GIT) attacks; else loaded from ``config.checkpoint``.
+      bn_targets: reference BatchNorm statistics for 'ig+bn' (e.g. leaked ones).
+      extra_loss: x_BxHxWxC -> scalar added to an optimisation attack's objective.
+    """
+
+    x_init: Array | None = None
+    x_prior: Array | None = None
+    x_true: Array | None = None
+    prior: Any = None
+    bn_targets: ModelState | None = None
+    extra_loss: Callable[[Array], Array] | None = None
+
+    def given(self, *names: str) -> dict[str, Any]:
+        """{name: value} for the named fields that are set (keyword arguments for a module's run)."""
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+RunFn = Callable[[AttackProblem, PRNGKey, Any, Hints], AttackResult]
+# reconstruct(victim, params, state, grads, labels | None, key, config, *, batch_size, x_init, x_prior, x_true)
+#   -> (x_BxHxWxC, info with at least "labels" (B,) and "grad_distance"); pure, vmappable over (grads, labels, key).
+Reconstruct = Callable[..., tuple[Array, dict[str, Array]]]
+FAMILIES = ("optimisation", "closed-form", "learned", "labels")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttackSpec:
-    run: Callable[[AttackProblem, PRNGKey, Any], AttackResult]
+    """One attack in the registry.
+
+    Attributes:
+      name: the registry key (``gitjax attack --method NAME``).
+      family: 'optimisation' (iterative, vmappable ``reconstruct``), 'closed-form' (host-side
+        solves, one problem at a time), or 'learned' (a trained GIT/LTI prior, optionally refined).
+      config_cls: the frozen config dataclass (defaults = the attack's paper settings).
+      run_fn: the module's host-side entry ``(problem, key, config, **hint_fields)``.
+      hint_names: the Hints fields ``run_fn`` accepts.
+      reconstruct: the pure core (signature :data:`Reconstruct`), None for closed-form attacks.
+      refine: for the learned family, the optimisation attack GIT's output seeds ('' = one-shot).
+      threat_model, paper: what the attacker knows; the reference.
+    """
+
+    name: str
+    family: str
     config_cls: type
+    run_fn: Callable[..., AttackResult]
     threat_model: str
     paper: str
+    hint_names: tuple[str, ...] = ()
+    reconstruct: Reconstruct | None = None
+    refine: str = ""
 
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
 
-ATTACKS: dict[str, AttackSpec] = {}
+    @property
+    def vmappable(self) -> bool:
+        return self.reconstruct is not None
 
-
-def register(name: str, spec: AttackSpec) -> None:
-    ATTACKS[name] = spec
+    def run(self, problem: AttackProblem, key: PRNGKey, config: Any = None, hints: Hints | None = None,
+            **hint_fields: Any) -> AttackResult:
+        """The one call signature: ``hints`` (or its fields as keywords) carry the side information."""
+        if hint_fields:
+            hints = dataclasses.replace(hints or Hints(), **hint_fields)
+        hints = hints or Hints()
+        config = self.config_cls() if config is None else config
+        return self.run_fn(problem, key, config, **hints.given(*self.hint_names))
 
 
 def get_attack(name: str) -> AttackSpec:
-    # Importing the package registers every built-in attack.
-    import gitjax.attacks  # noqa: F401
+    """``gitjax.attacks.registry.get_attack`` (kept here for older imports)."""
+    from gitjax.attacks.registry import get_attack as _get
 
-    if name not in ATTACKS:
-        raise GitjaxError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[name]
+    return _get(name)
 
 
 def run_attack(name: str, problem: AttackProblem, key: PRNGKey | None = None, config: Any = None,
-               **overrides: Any) -> AttackResult:
-    """Runs a registered attack; ``overrides`` replace fields of its default config."""
-    spec = get_attack(name)
-    config = spec.config_cls() if config is None else config
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
-    key = jax.random.key(0) if key is None else key
-    return spec.run(problem, key, config)
+               hints: Hints | None = None, **overrides: Any) -> AttackResult:
+    """``gitjax.attacks.registry.run_attack`` (kept here for older imports)."""
+    from gitjax.attacks.registry import run_attack as _run
+
+    return _run(name, problem, key, config, hints, **overrides)

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gitjax.attacks.dlg import dlg_reconstruct
 from gitjax.attacks.ig import IGConfig
 from gitjax.attacks.iterative import labels_or_recovered, start_step_size
 from gitjax.layout import GradientLayout, check_finite
@@ -146,7 +145,16 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     return pick(x_M), info
 
 
-_METHODS = ("dlg", "idlg", "ig")
+
+def _reconstruct_fn(method: str) -> Callable[..., tuple[Array, dict[str, Array]]]:
+    """The registry's pure core of ``method`` (one signature for every vmappable attack)."""
+    from gitjax.attacks.registry import ATTACKS
+
+    spec = ATTACKS.get(method)
+    if spec is None or spec.reconstruct is None:
+        vmappable = sorted(n for n, s in ATTACKS.items() if s.reconstruct is not None)
+        raise GitjaxError(f"batched_attack supports {vmappable}; got {method!r}")
+    return spec.reconstruct
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,10 +166,12 @@ def _batched_fn(method: str, victim: Victim, config: Any, batch_size: int, has_l
                               batch_size=batch_size, group_grads=group_grads,
                               **{f"{k}_N": v for k, v in extras.items()})
     else:
+        reconstruct = _reconstruct_fn(method)
+
         def one(params: Params, state: ModelState, g: Grads, y: Array | None, k: PRNGKey,
                 extras: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
-            return dlg_reconstruct(victim, params, state, g, y if has_labels else None, k, config,
-                                   batch_size=batch_size, **extras)
+            return reconstruct(victim, params, state, g, y if has_labels else None, k, config,
+                               batch_size=batch_size, **extras)
 
         fn = jax.vmap(one, in_axes=(None, None, 0, 0 if has_labels else None, 0, 0))
     if mesh is None:
@@ -193,8 +203,7 @@ def batched_attack(method: str, victim: Victim, params: Params, state: ModelStat
     Returns:
       x_NxBxHxWxC and the reconstruct function's info arrays with a leading N axis.
     """
-    if method not in _METHODS:
-        raise GitjaxError(f"batched_attack supports {sorted(_METHODS)}; got {method!r}")
+    _reconstruct_fn(method)  # a clear error for a method without a pure core
     layout = GradientLayout.from_params(params)
     layout.check(grads_N)
     check_finite(grads_N)

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
+from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.ig import IGConfig, ig_reconstruct
 from gitjax.attacks.iterative import run_iterative
 from gitjax.losses import ExtraLoss
@@ -221,12 +221,3 @@ def run_ig_bn(problem: AttackProblem, key: PRNGKey, config: IGBNConfig, x_init: 
                                                                                   bn_targets=bn_targets)
     return run_iterative(reconstruct, problem, key, config, x_init=x_init, x_prior=x_prior, x_true=x_true,
                          extra_loss=extra_loss)
-
-
-register("ig+bn", AttackSpec(
-    run_ig_bn, IGBNConfig,
-    threat_model="honest-but-curious server; victim with BatchNorm whose running statistics come from "
-                 "natural data; knows params and architecture",
-    paper="Yin, Mallya, Vahdat, Alvarez, Kautz, Molchanov. See Through Gradients: Image Batch Recovery via "
-          "GradInversion. CVPR 2021 (+ Geiping et al. 2020 for IG)",
-))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
+from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.iterative import infer_batch_size, labels_or_recovered, run_iterative
 from gitjax.leakage import as_probs, batch_grad
 from gitjax.losses import ExtraLoss, image_regularisers, l2_distance
@@ -153,9 +153,3 @@ def run_idlg(problem: AttackProblem, key: PRNGKey, config: DLGConfig, x_init: Ar
     config = dataclasses.replace(config, soft_labels=False)
     return run_iterative(_dlg_jit, problem, key, config, recover_labels_always=True, x_init=x_init,
                          x_prior=x_prior, x_true=x_true, extra_loss=extra_loss)
-
-
-register("dlg", AttackSpec(run, DLGConfig, "honest-but-curious server; knows params and architecture",
-                           "Zhu, Liu, Han. Deep Leakage from Gradients. NeurIPS 2019"))
-register("idlg", AttackSpec(run_idlg, DLGConfig, "honest-but-curious server; knows params and architecture",
-                            "Zhao, Mopuri, Bilen. iDLG: Improved Deep Leakage from Gradients. arXiv 2001.02610, 2020"))

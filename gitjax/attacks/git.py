@@ -21,47 +21,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
-import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
-from gitjax.types import Array, GitjaxError, Grads, Params
-
-
-@flax.struct.dataclass
-class Prior:
-    """A trained GIT generator and the victim parameters it was trained against (a pytree)."""
-
-    generator: nn.Module = flax.struct.field(pytree_node=False)
-    gen_params: Params
-    victim_params: Params
-
-
-def attack(prior: Prior, grads: Grads) -> Array:
-    """One-shot GIT reconstruction: leaked gradient (no leading axis) -> images (B, H, W, C) in [0, 1]."""
-    grads_1 = jax.tree_util.tree_map(lambda g: g[None], grads)
-    return prior.generator.apply({"params": prior.gen_params}, grads_1, prior.victim_params)[0]
-
-
-class LoadedPrior(NamedTuple):
-    prior: Prior
-    victim: Any  # gitjax.victims.Victim
-    victim_state: Any
-    batch_size: int
-
-
-@functools.lru_cache(maxsize=8)
-def load(checkpoint: str) -> LoadedPrior:
-    """Loads a prior-training run directory for attacks (cached per path)."""
-    from gitjax.train import load_prior
-
-    loaded = load_prior(checkpoint)
-    prior = Prior(loaded.generator, loaded.gen_params, loaded.victim_params)
-    return LoadedPrior(prior, loaded.victim, loaded.victim_state, loaded.config.generator.batch_size)
+from gitjax.attacks.base import AttackProblem, AttackResult
+from gitjax.prior import Prior, attack, load_prior  # noqa: F401 - attack/Prior re-exported
+from gitjax.types import Array, GitjaxError
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,16 +36,16 @@ def _jitted_attack():
     return jax.jit(attack)
 
 
-def _check_compatible(loaded: LoadedPrior, problem: AttackProblem) -> None:
-    pv = loaded.victim
+def _check_compatible(prior: Prior, problem: AttackProblem) -> None:
+    pv = prior.victim
     if pv.name != problem.victim.name or pv.input_shape != problem.victim.input_shape:
         raise GitjaxError(
             f"the GIT prior was trained for victim {pv.name!r} {pv.input_shape}, "
             f"but the leaked gradient comes from {problem.victim.name!r} {problem.victim.input_shape}"
         )
-    if loaded.batch_size != problem.batch_size:
+    if prior.config is not None and prior.batch_size != problem.batch_size:
         raise GitjaxError(
-            f"the GIT prior reconstructs batches of {loaded.batch_size}; the problem has batch_size {problem.batch_size}"
+            f"the GIT prior reconstructs batches of {prior.batch_size}; the problem has batch_size {problem.batch_size}"
         )
 
 
@@ -153,9 +120,8 @@ def run(problem: AttackProblem, key: Array, config: GITConfig, x_true: Array | N
     if prior is None:
         if not config.checkpoint:
             raise GitjaxError("the GIT attack needs a trained prior: pass --checkpoint <prior run dir>")
-        loaded = load(config.checkpoint)
-        _check_compatible(loaded, problem)
-        prior = loaded.prior
+        prior = load_prior(config.checkpoint)
+    _check_compatible(prior, problem)
     t0 = time.perf_counter()
     x_git = jax.block_until_ready(_jitted_attack()(prior, problem.grads))
     one_shot_s = time.perf_counter() - t0
@@ -177,18 +143,3 @@ def run(problem: AttackProblem, key: Array, config: GITConfig, x_true: Array | N
     res.info["one_shot_seconds"] = one_shot_s
     res.info["seconds"] = res.info.get("seconds", 0.0) + one_shot_s
     return res
-
-
-def _runner(refine: str):
-    def run_with(problem: AttackProblem, key: Array, config: GITConfig, **kw: Any) -> AttackResult:
-        return run(problem, key, dataclasses.replace(config, refine=config.refine or refine), **kw)
-
-    return run_with
-
-
-_THREAT = "architecture + a prior trained offline on auxiliary data; at attack time only the leaked gradient"
-register("git", AttackSpec(_runner(""), GITConfig, _THREAT, "Chen & Liu 2025, arXiv 2505.20026"))
-register("git+ig", AttackSpec(_runner("ig"), GITConfig, _THREAT + "; + victim params for IG",
-                              "GIT prior + Geiping et al. 2020"))
-register("git+dlg", AttackSpec(_runner("dlg"), GITConfig, _THREAT + "; + victim params for DLG",
-                               "GIT prior + Zhu et al. 2019"))

@@ -22,7 +22,7 @@ import functools
 
 import jax
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
+from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.iterative import match_reconstruct, run_iterative
 from gitjax.layout import GradientLayout
 from gitjax.losses import LAYER_WEIGHTS, ExtraLoss, cosine_distance, layer_weights
@@ -106,8 +106,3 @@ def run(problem: AttackProblem, key: PRNGKey, config: IGConfig, x_init: Array | 
     """Registry entry 'ig'; the keyword arguments carry GIT priors and ground truth for curves."""
     return run_iterative(_ig_jit, problem, key, config, x_init=x_init, x_prior=x_prior, x_true=x_true,
                          extra_loss=extra_loss)
-
-
-register("ig", AttackSpec(run, IGConfig, "honest-but-curious server; knows params and architecture",
-                          "Geiping, Bauermeister, Droege, Moeller. Inverting Gradients - How easy is it to break "
-                          "privacy in federated learning? NeurIPS 2020"))

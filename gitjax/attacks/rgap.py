@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from gitjax.attacks.base import AttackProblem, AttackResult, AttackSpec, register
+from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params
 from gitjax.victims import Victim
 
@@ -372,11 +372,3 @@ def run(problem: AttackProblem, key, config: RGAPConfig, **_) -> AttackResult:
         "rank_report": rank_report(reports),
     }
     return AttackResult(images=images, labels=jnp.asarray([label], jnp.int32), info=info)
-
-
-register("rgap", AttackSpec(
-    run, RGAPConfig,
-    threat_model="honest-but-curious server; batch of 1; small sequential dense/conv victim with invertible "
-                 "activations (e.g. sigmoid LeNet-style), no normalisation or residual connections",
-    paper="Zhu & Blaschko, R-GAP: Recursive Gradient Attack on Privacy, ICLR 2021",
-))

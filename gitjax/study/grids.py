@@ -2,9 +2,9 @@
 
 Run one with::
 
-    python -m experiments.run noise --scale small            # or: gitjax experiment noise --scale small
-    python -m experiments.run noise --scale small --only victim=lenet
-    python -m experiments.run list
+    gitjax experiment noise --scale small            # or: python -m experiments.run noise --scale small
+    gitjax experiment noise --scale small --only victim=lenet
+    gitjax experiment list
 
 Every experiment crosses victims x settings x methods. Methods: ``lti`` (Learning
 to Invert, Wu et al. 2023), ``coarse`` / ``exact`` (GIT), ``ig`` (Inverting
@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from gitjax.study import Budget, Defense, Experiment, PlotSpec, Run
+from gitjax.study.spec import Budget, Defense, Experiment, PlotSpec, Run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ VICTIM_KWARGS: dict[str, tuple[tuple[str, Any], ...]] = {
     "resnet8": (("norm", "group"),),
     "resnet18": (("norm", "group"),),
 }
-METHODS = ("lti", "coarse", "exact", "ig", "git+ig")
+GRID_METHODS = ("lti", "coarse", "exact", "ig", "git+ig")
 MATCHED_METHODS = ("coarse",)  # methods that also get a prior trained under the attack's defence
 
 
@@ -122,7 +122,7 @@ def _thin(settings: Sequence[Setting], smoke: bool) -> list[Setting]:
 def methods_for(victim: str, scale: str) -> tuple[str, ...]:
     """Exact-GIT only where it trains in the scale's budget: its unrolled conv pseudo-inverses
     train at ~2 examples/s for LeNet on a CPU (the paper, too, ran it on a tiny model only)."""
-    return tuple(m for m in METHODS if m != "exact" or victim in SCALES[scale].exact_victims)
+    return tuple(m for m in GRID_METHODS if m != "exact" or victim in SCALES[scale].exact_victims)
 
 
 def matrix(experiment: str, scale: str, smoke: bool, settings: Sequence[Setting]) -> list[Run]:
