@@ -1,20 +1,29 @@
-"""Attack throughput: iterative attacks one problem at a time against ``vmap`` over M problems.
+"""Attack throughput as ratios against their floors, from one run.
 
-An auditor runs the same attack on many leaked gradients. This measures
-reconstructions per second of Inverting Gradients (and DLG with Adam) on M
-single-image problems, (a) one at a time through the jitted single-problem
-function, (b) all M at once through ``gitjax.attacks.batched.batched_attack``
-(``jax.vmap`` over the problems), and (c) GIT one-shot (one generator forward
-pass per gradient), one at a time and vmapped, for scale.
+Three figures (issue "Throughput near the hardware limit", batched attacks):
+
+* ``batched_over_sequential``: reconstructions/s of Inverting Gradients on N leaked
+  gradients (batch 1 each, natural test patches) through ``batched_attack`` (all N
+  stacked in one refinement, N axis shardable over a 1-D mesh) over the same N
+  attacks one at a time through the jitted single-problem function. Also the mean
+  PSNR of both (they run the same keys, so they should agree to float precision).
+* ``ig_iter_over_objective_grad``: IG's seconds per iteration (the slope between a
+  short and a long run, so compilation and per-call overheads cancel) over one
+  jitted evaluation of its objective's gradient (cosine distance + TV, at the same
+  image size). The floor is 1: the loop (lax.scan, signed Adam, projection, best
+  iterate) should add next to nothing.
+* ``one_shot_over_forward``: GIT one-shot through the registry (host checks, label
+  recovery, timing) over one jitted generator forward pass; and the vmapped one-shot
+  per gradient over that forward.
 
 Compilation and one warm-up call are excluded; each timing ends with
 ``block_until_ready``; the median over ``--repeats`` runs is reported.
 
-    python benchmarks/attack_throughput.py [--steps 50] [--m 8] [--victim mlp] [--methods ig,dlg]
-        [--git-checkpoint RUN_DIR]
+    python benchmarks/attack_throughput.py [--victim lenet] [--n 64] [--steps 50] [--repeats 3]
+        [--parts batched,iteration,git] [--git-checkpoint RUN_DIR] [--mesh]
 
-Prints a table, then one JSON line per method:
-{"method", "victim", "device", "steps", "m", "single_rec_per_s", "batched_rec_per_s", "ratio"}.
+Prints one JSON object. ``run(victim, n, steps, ...)`` returns the same dict (for
+``benchmarks/device_suite.py``).
 """
 
 from __future__ import annotations
@@ -24,15 +33,21 @@ import json
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from gitjax.attacks.batched import batched_attack
-from gitjax.attacks.dlg import DLGConfig, _dlg_jit
+from gitjax.attacks.batched import batched_attack, default_group_grads, vmap_group_grads
 from gitjax.attacks.ig import IGConfig, _ig_jit
-from gitjax.leakage import batch_grad
+from gitjax.data import load_dataset
+from gitjax.leakage import as_probs, batch_grad, data_mesh
+from gitjax.losses import cosine_distance, total_variation
+from gitjax.metrics import psnr
 from gitjax.victims import make_victim
+
+PARTS = ("batched", "iteration", "git")
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -45,117 +60,159 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _device() -> str:
+def device() -> str:
     dev = jax.devices()[0]
-    return f"cpu ({os.cpu_count()} cores)" if dev.platform == "cpu" else dev.device_kind
+    return f"cpu ({os.cpu_count()} cores, {jax.device_count()} devices)" if dev.platform == "cpu" else dev.device_kind
 
 
-def _problems(victim_name: str, m: int):
-    """M single-image problems: random images/labels, their exact gradients (leading M axis)."""
+def problems(victim_name: str, n: int, seed: int = 0):
+    """N single-image problems from natural test patches: victim, params, state, grads (leading N), x, y."""
     victim = make_victim(victim_name)
-    params, state = jax.jit(victim.init)(jax.random.key(0))
-    x_MxBxHxWxC = jax.random.uniform(jax.random.key(1), (m, 1, *victim.input_shape))
-    y_MxB = jax.random.randint(jax.random.key(2), (m, 1), 0, victim.num_classes)
+    params, state = jax.jit(victim.init)(jax.random.key(seed))
+    h, _, c = victim.input_shape
+    ds = load_dataset("patches", "test", image_size=h, channels=c)
+    idx = np.random.default_rng(seed).choice(len(ds), n, replace=len(ds) < n)
+    x_NxB = jnp.asarray(ds.images[idx])[:, None]
+    y_NxB = jnp.asarray(ds.labels[idx] % victim.num_classes)[:, None]
     grad_fn = jax.jit(jax.vmap(lambda x, y: batch_grad(victim, params, state, x, y)))
-    return victim, params, state, grad_fn(x_MxBxHxWxC, y_MxB), y_MxB
+    return victim, params, state, grad_fn(x_NxB, y_NxB), x_NxB, y_NxB
 
 
-def bench_iterative(method: str, victim_name: str, steps: int, m: int, repeats: int) -> dict:
-    victim, params, state, g_M, y_MxB = _problems(victim_name, m)
-    if method == "ig":
-        config, single = IGConfig(steps=steps), _ig_jit
-    else:
-        config, single = DLGConfig(steps=steps, optimizer="adam", lr=0.03, lr_decay=True), _dlg_jit
-    keys = jax.random.split(jax.random.key(3), m)
-    # Per-problem slices made up front so the loop times only the attack calls.
-    slices = [(jax.tree.map(lambda a: a[i], g_M), y_MxB[i]) for i in range(m)]
+def _mean_psnr(x_NxB, t_NxB) -> float:
+    return float(np.mean(jax.vmap(lambda a, b: psnr(a, b))(x_NxB, t_NxB)))
+
+
+def bench_batched(victim_name: str, n: int, steps: int, repeats: int, mesh: bool = False,
+                  group_grads: str = "default") -> dict[str, Any]:
+    """IG on N gradients: stacked (``batched_attack``) vs one at a time (same keys)."""
+    victim, params, state, g_N, x_NxB, y_NxB = problems(victim_name, n)
+    config = IGConfig(steps=steps, record_every=0)
+    key = jax.random.key(3)
+    keys = jax.random.split(key, n)
+    slices = [(jax.tree.map(lambda a: a[i], g_N), y_NxB[i]) for i in range(n)]
+    gg = default_group_grads() if group_grads == "default" else vmap_group_grads
+    the_mesh = data_mesh() if mesh else None
 
     def run_single():
-        return [single(victim, params, state, g, y, k, config)[0] for (g, y), k in zip(slices, keys)]
+        return jnp.stack([_ig_jit(victim, params, state, g, y, k, config)[0] for (g, y), k in zip(slices, keys)])
 
     def run_batched():
-        return batched_attack(method, victim, params, state, g_M, y_MxB, jax.random.key(3), config)[0]
+        return batched_attack("ig", victim, params, state, g_N, y_NxB, key, config, mesh=the_mesh,
+                              group_grads=gg)[0]
 
     t_single = _median_seconds(run_single, repeats)
     t_batched = _median_seconds(run_batched, repeats)
-    return {"method": method, "victim": victim_name, "device": _device(), "steps": steps, "m": m,
-            "single_rec_per_s": round(m / t_single, 3), "batched_rec_per_s": round(m / t_batched, 3),
-            "ratio": round(t_single / t_batched, 3)}
+    p_single, p_batched = _mean_psnr(run_single(), x_NxB), _mean_psnr(run_batched(), x_NxB)
+    return {"victim": victim_name, "n": n, "steps": steps, "group_grads": gg.__module__ + "." + gg.__name__,
+            "mesh_devices": the_mesh.devices.size if the_mesh is not None else 1,
+            "sequential_rec_per_s": round(n / t_single, 3), "batched_rec_per_s": round(n / t_batched, 3),
+            "batched_over_sequential": round(t_single / t_batched, 3),
+            "psnr_sequential": round(p_single, 3), "psnr_batched": round(p_batched, 3),
+            "psnr_diff": round(p_batched - p_single, 4)}
 
 
-# ----------------------------------------------------------------------------- GIT one-shot
-# GIT timing hook: one generator forward pass per leaked gradient. With
-# --git-checkpoint it times the trained prior through the registry
-# (run_attack('git', ...)); without it, an untrained Coarse-GIT generator of the
-# same architecture (the weights do not change the cost).
+def bench_iteration(victim_name: str, steps: int, repeats: int) -> dict[str, Any]:
+    """IG's seconds per iteration (slope over two budgets) vs one jitted objective gradient."""
+    victim, params, state, g_N, _, y_NxB = problems(victim_name, 1)
+    g, y = jax.tree.map(lambda a: a[0], g_N), y_NxB[0]
+    key = jax.random.key(0)
+    short, long_ = steps, 4 * steps  # the slope over 3*steps iterations; fixed costs cancel
+    t_short = _median_seconds(lambda: _ig_jit(victim, params, state, g, y, key, IGConfig(steps=short,
+                                                                                      record_every=0))[0], repeats)
+    t_long = _median_seconds(lambda: _ig_jit(victim, params, state, g, y, key, IGConfig(steps=long_,
+                                                                                     record_every=0))[0], repeats)
+    per_iter = max(t_long - t_short, 1e-12) / (long_ - short)
+    y_BxK = as_probs(y, victim.num_classes)
+    tv = IGConfig().tv_weight
+
+    def objective(x):
+        return cosine_distance(batch_grad(victim, params, state, x, y_BxK), g) + tv * total_variation(x)
+
+    grad_fn = jax.jit(jax.grad(objective))
+    x = jax.random.uniform(jax.random.key(1), (1, *victim.input_shape))
+    # As many evaluations as the slope's iterations, each on the previous one's output so
+    # that they run one after another, as the loop's iterations do.
+    reps = long_ - short
+
+    def many():
+        out = x
+        for _ in range(reps):
+            out = grad_fn(out)
+        return out
+
+    t_grad = _median_seconds(many, repeats) / reps
+    return {"victim": victim_name, "steps": [short, long_], "ig_seconds_per_iter": per_iter,
+            "objective_grad_seconds": t_grad, "ig_iter_over_objective_grad": round(per_iter / t_grad, 3)}
 
 
-def bench_git_one_shot(victim_name: str, m: int, repeats: int, checkpoint: str = "") -> dict | None:
-    try:
-        from gitjax.attacks import git
-        from gitjax.attacks.base import AttackProblem, Hints, run_attack
-        from gitjax.generators import GeneratorConfig, build_generator
-        from gitjax.prior import Prior, load_prior
-    except ImportError as e:  # GIT not available in this checkout
-        print(f"# GIT one-shot timing skipped: {e}")
-        return None
-    victim, params, state, g_M, y_MxB = _problems(victim_name, m)
-    slices = [jax.tree.map(lambda a: a[i], g_M) for i in range(m)]
+def bench_git(victim_name: str, n: int, repeats: int, checkpoint: str = "") -> dict[str, Any]:
+    """GIT one-shot through the registry and vmapped, over one jitted generator forward."""
+    from gitjax.attacks import git
+    from gitjax.attacks.base import AttackProblem
+    from gitjax.prior import Prior, load_prior
+
+    victim, params, state, g_N, x_NxB, y_NxB = problems(victim_name, n)
     if checkpoint:
         prior = load_prior(checkpoint)
-        cfg = git.GITConfig(checkpoint=checkpoint)
-        git_hints = Hints(prior=prior)  # load once, not once per problem
-        problems = [AttackProblem(victim, prior.victim_params, state, g, 1, y_MxB[i])
-                    for i, g in enumerate(slices)]
-        run_one = lambda p: run_attack("git", p, jax.random.key(0), cfg, git_hints).images
+        victim, params, state = prior.victim, prior.victim_params, prior.victim_state
+        g_N = jax.jit(jax.vmap(lambda x, y: batch_grad(victim, params, state, x, y)))(x_NxB, y_NxB)
     else:
+        from gitjax.generators import GeneratorConfig, build_generator
+
         gen = build_generator(GeneratorConfig(kind="coarse", batch_size=1), victim, params)
-        gen_params = jax.jit(gen.init)(jax.random.key(4), g_M, params)["params"]
+        gen_params = jax.jit(gen.init)(jax.random.key(4), g_N, params)["params"]
         prior = Prior(gen_params, params, state, gen, victim)
-        problems = [AttackProblem(victim, params, state, g, 1, y_MxB[i]) for i, g in enumerate(slices)]
-        run_one = lambda p: git.run(p, jax.random.key(0), git.GITConfig(), prior=prior).images
+    g0 = jax.tree.map(lambda a: a[0], g_N)
+    forward = jax.jit(git.attack)
+    problem = AttackProblem(victim, params, state, g0, 1, y_NxB[0])
+    cfg = git.GITConfig()
+    t_forward = _median_seconds(lambda: forward(prior, g0), repeats)
+    t_one_shot = _median_seconds(lambda: git.run(problem, jax.random.key(0), cfg, prior=prior).images, repeats)
     batched = jax.jit(jax.vmap(git.attack, in_axes=(None, 0)))
-
-    t_single = _median_seconds(lambda: [run_one(p) for p in problems], repeats)
-    t_batched = _median_seconds(lambda: batched(prior, g_M), repeats)
-    return {"method": "git" + ("" if checkpoint else " (untrained coarse)"), "victim": victim_name,
-            "device": _device(), "steps": 0, "m": m, "single_rec_per_s": round(m / t_single, 3),
-            "batched_rec_per_s": round(m / t_batched, 3), "ratio": round(t_single / t_batched, 3)}
+    t_batched = _median_seconds(lambda: batched(prior, g_N), repeats) / n
+    return {"victim": victim_name, "n": n, "trained": bool(checkpoint), "forward_seconds": t_forward,
+            "one_shot_over_forward": round(t_one_shot / t_forward, 3),
+            "vmapped_per_gradient_over_forward": round(t_batched / t_forward, 3)}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def run(victim: str = "lenet", n: int = 64, steps: int = 50, repeats: int = 3, parts: tuple[str, ...] = PARTS,
+        git_checkpoint: str = "", mesh: bool = False, group_grads: str = "default") -> dict[str, Any]:
+    """Every part asked for, as one JSON-friendly dict (the GPU suite calls this)."""
+    out: dict[str, Any] = {"benchmark": "attack_throughput", "device": device(), "jax": jax.__version__}
+    if "batched" in parts:
+        out["batched"] = bench_batched(victim, n, steps, repeats, mesh, group_grads)
+        out["batched_over_sequential"] = out["batched"]["batched_over_sequential"]
+    if "iteration" in parts:
+        out["iteration"] = bench_iteration(victim, steps, repeats)
+        out["ig_iter_over_objective_grad"] = out["iteration"]["ig_iter_over_objective_grad"]
+    if "git" in parts:
+        out["git"] = bench_git(victim, n, repeats, git_checkpoint)
+        out["one_shot_over_forward"] = out["git"]["one_shot_over_forward"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50, help="iterations per attack (default 50)")
-    parser.add_argument("--m", type=int, default=8, help="problems per batched call (default 8)")
-    parser.add_argument("--victim", default="mlp", help="victim model (default mlp)")
-    parser.add_argument("--methods", default="ig,dlg", help="comma-separated: ig, dlg, git (default ig,dlg)")
+    parser.add_argument("--victim", default="lenet", help="victim model (default lenet)")
+    parser.add_argument("--n", type=int, default=64, help="leaked gradients per batched call (default 64)")
+    parser.add_argument("--steps", type=int, default=50, help="IG iterations (default 50)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
-    parser.add_argument("--git-checkpoint", default="", help="trained GIT prior run dir for the 'git' method")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--git-checkpoint", default="", help="trained GIT prior run dir (default: untrained Coarse-GIT)")
+    parser.add_argument("--mesh", action="store_true", help="shard the N axis over all devices (1-D mesh)")
+    parser.add_argument("--group-grads", choices=("default", "vmap"), default="default",
+                        help="batched IG's dummy gradients: per-example rule if available (default) or vmap(grad)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.m < 1 or args.repeats < 1:
-        parser.error("--steps, --m and --repeats must be >= 1")
-    methods = [s.strip() for s in args.methods.split(",") if s.strip()]
-    unknown = set(methods) - {"ig", "dlg", "git"}
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; expected ig, dlg, git")
-
-    results = []
-    for method in methods:
-        if method == "git":
-            r = bench_git_one_shot(args.victim, args.m, args.repeats, args.git_checkpoint)
-        else:
-            r = bench_iterative(method, args.victim, args.steps, args.m, args.repeats)
-        if r is not None:
-            results.append(r)
-
-    print(f"attack throughput, victim {args.victim}, batch 1, {args.steps} iterations, M={args.m}, "
-          f"median of {args.repeats} (jax {jax.__version__}, {_device()})")
-    print(f"{'method':<26} {'one-at-a-time rec/s':>20} {'vmap over M rec/s':>18} {'vmap/single':>12}")
-    for r in results:
-        print(f"{r['method']:<26} {r['single_rec_per_s']:>20.2f} {r['batched_rec_per_s']:>18.2f} {r['ratio']:>11.2f}x")
-    for r in results:
-        print(json.dumps(r))
-    return results
+    if args.steps < 5 or args.n < 1 or args.repeats < 1:
+        parser.error("--steps must be >= 5, --n and --repeats >= 1")
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(set(parts) - set(PARTS))}; expected {', '.join(PARTS)}")
+    if args.mesh and args.n % jax.device_count():
+        parser.error(f"--n {args.n} is not divisible by the {jax.device_count()} devices")
+    out = run(args.victim, args.n, args.steps, args.repeats, parts, args.git_checkpoint, args.mesh, args.group_grads)
+    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,19 +1,17 @@
-"""The one optimisation loop every iterative gradient-inversion attack reuses, and its losses.
+"""The one optimisation loop every iterative gradient-inversion attack reuses, and best-of-restarts.
 
 ``refine`` minimises ``objective(x)`` from ``x0`` with an optax optimiser inside one
 ``jax.lax.scan`` (no host round-trips), projects every iterate (box [0, 1] by
 default), records the loss at every step and optionally a metric (e.g. PSNR
-against the ground truth, for convergence curves), and keeps the best iterate by
-objective. It is pure, so it jits and vmaps over independent runs (restarts, or N
-leaked gradients): vmap over ``x0`` and whatever the objective closes over.
+against the ground truth, for convergence curves), and keeps the best iterate,
+by the objective or, when the objective also returns a score (``has_aux``), by
+that score (e.g. the gradient-matching term alone, without TV). It is pure, so it
+jits and vmaps over independent runs (restarts, or N leaked gradients).
 
-The gradient-matching losses live here too, so DLG, iDLG, Inverting Gradients and
-the GIT-prior variants share one definition:
-
-  * ``l2_distance``: sum of squared differences (DLG, Zhu et al. 2019).
-  * ``cosine_distance``: 1 - <g, t> / (|g| |t|) over the whole gradient (Inverting
-    Gradients, Geiping et al. 2020), optionally with per-layer weights.
-  * ``total_variation``: anisotropic TV, the image prior of Geiping et al. 2020.
+``best_of_restarts`` runs R such refinements in parallel (``jax.vmap``) and keeps
+the one with the smallest gradient distance. ``ig_optimizer`` is Inverting
+Gradients' signed Adam with its step decay. The losses themselves live in
+``gitjax.losses``.
 """
 
 from __future__ import annotations
@@ -22,11 +20,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from gitjax.layout import GradientLayout
-from gitjax.types import Array, Grads
+from gitjax.types import Array
 
 X = Any  # the optimised pytree: images (B, H, W, C), or (images, label logits)
 Objective = Callable[[X], Array]
@@ -48,25 +44,6 @@ def clamp_first01(x: tuple[Array, ...]) -> tuple[Array, ...]:
 # ----------------------------------------------------------------------------- optimisers
 
 
-def sign_gradients() -> optax.GradientTransformation:
-    """Replaces every gradient entry by its sign (Inverting Gradients' signed Adam).
-
-    Chain it before the optimiser: ``optax.chain(sign_gradients(), optax.adam(lr))``.
-    Geiping et al. 2020 found the sign more robust than the raw gradient, whose
-    scale varies by orders of magnitude over the course of the attack.
-    """
-
-    def init(params: Any) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
-        del params
-        return jax.tree_util.tree_map(jnp.sign, updates), state
-
-    return optax.GradientTransformation(init, update)
-
-
 def multistep_decay(lr: float, num_steps: int, fractions: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8),
                     factor: float = 0.1) -> optax.Schedule:
     """Piecewise-constant schedule: ``lr`` times ``factor`` at each fraction of ``num_steps``.
@@ -79,6 +56,18 @@ def multistep_decay(lr: float, num_steps: int, fractions: tuple[float, ...] = (3
         b = max(1, int(f * num_steps))
         boundaries[b] = boundaries.get(b, 1.0) * factor
     return optax.piecewise_constant_schedule(lr, boundaries)
+
+
+def ig_optimizer(lr: float | Array, num_steps: int, signed: bool = True, lr_decay: bool = True
+                 ) -> optax.GradientTransformation:
+    """Inverting Gradients' optimiser: (sign ->) Adam, with the x0.1 decay at 3/8, 5/8, 7/8.
+
+    Geiping et al. 2020 found the sign of the gradient more robust than the gradient,
+    whose scale varies by orders of magnitude over the attack; with it ``lr`` is the
+    per-pixel step in [0, 1] units. ``lr`` may be a traced scalar (e.g. one per restart).
+    """
+    adam = optax.adam(multistep_decay(lr, num_steps) if lr_decay else lr)
+    return optax.chain(optax.scale_by_sign(), adam) if signed else adam
 
 
 def _stores_value(state: Any) -> bool:
@@ -96,27 +85,36 @@ class Trace(NamedTuple):
     """What ``refine`` records (all arrays, so it vmaps).
 
     Attributes:
-      loss_T: objective at the iterate entering each of the T steps.
-      metric_R: ``metric_fn`` after steps r, 2r, ..., R r (r = record_every, R = T // r);
-        shape (0,) when no metric is recorded.
+      loss_T: objective at the iterate entering each of the T steps (loss_T[0] is x0's).
+      metric_R: ``metric_fn`` after steps r, 2r, ..., R r (r = record_every, R = T // r),
+        with the metric's own shape after R; shape (0,) when no metric is recorded.
       best_loss: objective of the returned (best) iterate.
       final_loss: objective of the last iterate.
+      best_score: the selection score of the returned iterate (= best_loss without ``has_aux``).
     """
 
     loss_T: Array
     metric_R: Array
     best_loss: Array
     final_loss: Array
+    best_score: Array
 
 
 def refine(objective: Objective, x0: X, optimizer: optax.GradientTransformation, num_steps: int, *,
            project: Callable[[X], X] | None = clamp01, record_every: int = 0,
-           metric_fn: Callable[[X], Array] | None = None) -> tuple[X, Trace]:
-    """Minimises ``objective`` from ``x0``; returns (best iterate by objective, trace).
+           metric_fn: Callable[[X], Array] | None = None, has_aux: bool = False) -> tuple[X, Trace]:
+    """Minimises ``objective`` from ``x0``; returns (best iterate, trace).
 
     Args:
       objective: x -> scalar; the caller closes over the leaked gradient and priors.
-      x0: starting point (any pytree of float arrays).
+        With ``has_aux``: x -> (scalar loss, score); the loss is minimised and the
+        returned iterate is the one with the lowest score (e.g. the gradient-matching
+        term alone, so a regulariser cannot make a smooth start "best"). A score of
+        shape (N,) selects per leading index of every leaf of x (N independent
+        problems stacked in one run); best_loss is then the loss at the step each
+        selected slice came from.
+      x0: starting point (any pytree of float arrays). It is a candidate too, so the
+        result never has a higher score than the (projected) start.
       optimizer: an optax transformation. L-BFGS (``optax.lbfgs``) works as-is: it is
         called with ``value=, grad=, value_fn=`` like optax's linesearches need.
       num_steps: T, number of optimiser steps (static).
@@ -124,111 +122,67 @@ def refine(objective: Objective, x0: X, optimizer: optax.GradientTransformation,
       record_every: record ``metric_fn`` every this many steps (0 = never).
       metric_fn: x -> scalar, e.g. PSNR against the ground truth.
 
-    NaN objectives never become the best iterate, so a run that diverges returns
-    its last finite point (or x0).
+    NaN scores never select an iterate, so a run that diverges returns its last
+    finite point (or x0).
     """
     opt = optax.with_extra_args_support(optimizer)
     proj = (lambda x: x) if project is None else project
     x0 = proj(x0)
     state0 = opt.init(x0)
+    loss_fn = (lambda x: objective(x)[0]) if has_aux else objective
     # A linesearch caches value/grad at the accepted point; the projection would
-    # make that cache stale, so it is reused only for unprojected runs.
-    if project is None and _stores_value(state0):
+    # make that cache stale, so it is reused only for unprojected runs without aux.
+    if project is None and not has_aux and _stores_value(state0):
         cached = optax.value_and_grad_from_state(objective)
-        value_and_grad = lambda x, s: cached(x, state=s)
+
+        def value_and_grad(x, s):
+            loss, g = cached(x, state=s)
+            return loss, loss, g
+    elif has_aux:
+        def value_and_grad(x, s):
+            (loss, score), g = jax.value_and_grad(objective, has_aux=True)(x)
+            return loss, score, g
     else:
-        value_and_grad = lambda x, s: jax.value_and_grad(objective)(x)
+        def value_and_grad(x, s):
+            loss, g = jax.value_and_grad(objective)(x)
+            return loss, loss, g
     recording = bool(record_every) and metric_fn is not None
-    nan = jnp.asarray(jnp.nan, jnp.float32)
+    nan = jnp.full(jax.eval_shape(metric_fn, x0).shape if recording else (), jnp.nan, jnp.float32)
+
+    def keep_better(best, cand):
+        (bx, bl, bs), (cx, cl, cs) = best, cand
+        better = cs < bs  # False for NaN; (N,) for a vector score: one choice per leading index
+
+        def pick(b, c):
+            return jnp.where(better.reshape(better.shape + (1,) * (c.ndim - better.ndim)), c, b)
+
+        return jax.tree_util.tree_map(pick, bx, cx), jnp.where(better, cl, bl), pick(bs, cs)
 
     def step(carry, t):
-        x, s, best_x, best_loss = carry
-        loss, g = value_and_grad(x, s)
-        better = loss < best_loss  # False for NaN
-        best_x = jax.tree_util.tree_map(lambda b, c: jnp.where(better, c, b), best_x, x)
-        best_loss = jnp.where(better, loss, best_loss)
-        updates, s = opt.update(g, s, x, value=loss, grad=g, value_fn=objective)
+        x, s, best = carry
+        loss, score, g = value_and_grad(x, s)
+        best = keep_better(best, (x, loss, score))
+        updates, s = opt.update(g, s, x, value=loss, grad=g, value_fn=loss_fn)
         x = proj(optax.apply_updates(x, updates))
         if recording:
             m = jax.lax.cond((t + 1) % record_every == 0, lambda z: jnp.asarray(metric_fn(z), jnp.float32),
                              lambda z: nan, x)
         else:
             m = nan
-        return (x, s, best_x, best_loss), (loss, m)
+        return (x, s, best), (loss, m)
 
-    init = (x0, state0, x0, jnp.asarray(jnp.inf, jnp.float32))
-    (x, _, best_x, best_loss), (loss_T, m_T) = jax.lax.scan(step, init, jnp.arange(num_steps))
-    final_loss = objective(x)
-    better = final_loss < best_loss
-    best_x = jax.tree_util.tree_map(lambda b, c: jnp.where(better, c, b), best_x, x)
-    best_loss = jnp.where(better, final_loss, best_loss)
+    # The score's shape fixes the selection's: scalar, or (N,) to pick per leading index of x.
+    score_shape = jax.eval_shape(objective, x0)[1].shape if has_aux else ()
+    inf = jnp.full(score_shape, jnp.inf, jnp.float32)
+    (x, _, best), (loss_T, m_T) = jax.lax.scan(step, (x0, state0, (x0, inf, inf)), jnp.arange(num_steps))
+    final = objective(x)
+    final_loss, final_score = final if has_aux else (final, final)
+    best_x, best_loss, best_score = keep_better(best, (x, final_loss, final_score))
     metric_R = m_T[record_every - 1 :: record_every] if recording else jnp.zeros((0,), jnp.float32)
-    return best_x, Trace(loss_T, metric_R, best_loss, final_loss)
+    return best_x, Trace(loss_T, metric_R, best_loss, final_loss, best_score)
 
 
-# ----------------------------------------------------------------------------- losses
-
-LAYER_WEIGHTS = ("equal", "linear", "linear_increasing")
-
-
-def layer_weights(layout: GradientLayout, scheme: str = "equal") -> Grads | None:
-    """Per-layer weights as a pytree of scalars shaped like the gradient (None for 'equal').
-
-    'linear' decreases from 1 (first layer) to 1/L (last), as Inverting Gradients'
-    'linear' option, which emphasises the early, image-revealing layers;
-    'linear_increasing' is its reverse.
-    """
-    if scheme not in LAYER_WEIGHTS:
-        raise ValueError(f"unknown layer weighting {scheme!r}; expected one of {LAYER_WEIGHTS}")
-    if scheme == "equal":
-        return None
-    n = len(layout.blocks)
-    w_L = np.arange(n, 0, -1, dtype=np.float32) / n
-    if scheme == "linear_increasing":
-        w_L = w_L[::-1]
-    return layout.from_blocks([{leaf: jnp.float32(w) for leaf, _ in b.leaves} for b, w in zip(layout.blocks, w_L)])
-
-
-def _weighted_sum(fn: Callable[[Array, Array], Array], g: Grads, t: Grads, w: Grads | None) -> Array:
-    parts = jax.tree_util.tree_map(fn, g, t)
-    if w is not None:
-        parts = jax.tree_util.tree_map(lambda p, wi: p * wi, parts, w)
-    return sum(jax.tree_util.tree_leaves(parts))
-
-
-def l2_distance(g: Grads, t: Grads, weights: Grads | None = None) -> Array:
-    """sum_l w_l |g_l - t_l|^2 over all gradient leaves (DLG's matching loss)."""
-    return _weighted_sum(lambda a, b: jnp.sum(jnp.square(a - b)), g, t, weights)
-
-
-def cosine_distance(g: Grads, t: Grads, weights: Grads | None = None) -> Array:
-    """1 - <g, t>_w / (|g|_w |t|_w) over the whole flattened gradient (Geiping et al. 2020).
-
-    With weights, every sum is per-layer weighted, as in Inverting Gradients.
-    """
-    gt = _weighted_sum(lambda a, b: jnp.sum(a * b), g, t, weights)
-    gg = _weighted_sum(lambda a, b: jnp.sum(a * a), g, t, weights)
-    tt = _weighted_sum(lambda a, b: jnp.sum(b * b), g, t, weights)
-    # The tiny offset keeps sqrt differentiable when the dummy gradient is all zero.
-    return 1.0 - gt / jnp.sqrt(gg * tt + 1e-30)
-
-
-DISTANCES: dict[str, Callable[[Grads, Grads, Grads | None], Array]] = {"l2": l2_distance, "cosine": cosine_distance}
-
-
-def total_variation(x_BxHxWxC: Array) -> Array:
-    """Anisotropic TV: mean |vertical diffs| + mean |horizontal diffs| (Geiping et al. 2020)."""
-    dv = jnp.mean(jnp.abs(x_BxHxWxC[:, 1:] - x_BxHxWxC[:, :-1]))
-    dh = jnp.mean(jnp.abs(x_BxHxWxC[:, :, 1:] - x_BxHxWxC[:, :, :-1]))
-    return dv + dh
-
-
-def prior_penalty(x_BxHxWxC: Array, x_prior_BxHxWxC: Array) -> Array:
-    """mean (x - x_prior)^2: pulls the reconstruction toward a prior image (e.g. GIT's output)."""
-    return jnp.mean(jnp.square(x_BxHxWxC - x_prior_BxHxWxC))
-
-
-# ----------------------------------------------------------------------------- plumbing shared by DLG / IG
+# ----------------------------------------------------------------------------- restarts and inits
 
 INITS = ("uniform", "gaussian", "zeros")
 
@@ -248,3 +202,31 @@ def select_best(distances_R: Array, tree_R: Any) -> tuple[Array, Any]:
     """Index of the smallest (non-NaN) distance over R runs, and that run's slice of ``tree_R``."""
     i = jnp.argmin(jnp.where(jnp.isnan(distances_R), jnp.inf, distances_R))
     return i, jax.tree_util.tree_map(lambda a: a[i], tree_R)
+
+
+class Restarts(NamedTuple):
+    """What ``best_of_restarts`` returns: the kept run and every run's distance."""
+
+    x: Any
+    trace: Trace
+    index: Array
+    distance_R: Array
+
+    def info(self) -> dict[str, Array]:
+        """The info arrays every iterative attack reports (grad_distance, loss, psnr, restart_grad_distance)."""
+        d = self.distance_R
+        return {"grad_distance": jnp.min(jnp.where(jnp.isnan(d), jnp.inf, d)), "loss": self.trace.loss_T,
+                "psnr": self.trace.metric_R, "restart_grad_distance": d, "restart_index": self.index}
+
+
+def best_of_restarts(one_run: Callable[..., tuple[Any, Trace, Array]], *args_R: Any) -> Restarts:
+    """Runs ``one_run(*args)`` for R restarts in parallel (vmap over the leading axis of every
+    argument) and keeps the run with the smallest (non-NaN) gradient distance.
+
+    ``one_run`` returns (result pytree, Trace, distance); the distance is the
+    gradient-matching term alone (no regulariser), so runs are compared by how well
+    they explain the leaked gradient.
+    """
+    xs, traces, d_R = jax.vmap(one_run)(*args_R)
+    i, (x, trace) = select_best(d_R, (xs, traces))
+    return Restarts(x, trace, i, d_R)

@@ -93,31 +93,33 @@ def test_ig_bn_runs_and_refuses_victims_without_bn(setup):
 
 
 def test_bn_term_lowers_ig_error_at_equal_budget(setup):
-    """See Through Gradients' claim on a seeded example: IG vs IG + BN prior, same 300 steps, same init.
+    """See Through Gradients' claim, as a mean over inits: IG vs IG + BN prior, same 300 steps, same keys.
 
     Threat model: a FedAvg client shares its BN running statistics with the update, so
     the server knows the private batch's own statistics (``batch_stats_from_update``)
-    and matches them in a train-mode forward. Measured here (this batch, inits 0-2): MSE
-    0.067 / 0.082 / 0.070 -> 0.063 / 0.062 / 0.064 (mean -14%); on three other batches
-    0.078 -> 0.062, 0.079 -> 0.066, 0.119 -> 0.087. Population statistics alone (eval mode)
-    did not help consistently on this random-init victim (0.078 -> 0.144 on one batch), so
-    they are not asserted (docs/closed_form_attacks.md).
+    and matches them in a train-mode forward. A single trajectory may not improve (on one
+    machine init 1 went 0.0979 -> 0.0641, on another 0.082 -> 0.062, and others by less),
+    so the claim is on the mean MSE over INITS inits, with a margin: measured mean ratio
+    (with BN / without) 0.85-0.86 on two machines (3 inits) and 0.73-0.84 on three other
+    batches; asserted < 0.92. Population statistics alone (eval mode) did not help
+    consistently on this random-init victim (0.078 -> 0.144 on one batch), so they are not
+    asserted (docs/closed_form_attacks.md).
     """
     victim, params, state, x, y = setup
     g = batch_grad(victim, params, state, x, y)
     problem = AttackProblem(victim, params, state, g, 4, labels=y)
     leaked = batch_stats_from_update(state, client_running_stats(victim, params, state, x), momentum=0.9)
-    steps = 300
+    steps, inits = 300, 5
 
     def mse(res):
         return evaluate(np.asarray(res.images), np.asarray(x), match=True)["mse"]
 
     ig, with_bn = [], []
-    for seed in range(3):  # three inits: one run is too noisy a measure
+    for seed in range(inits):
         key = jax.random.key(seed)
         ig.append(mse(get_attack("ig").run(problem, key, IGConfig(steps=steps, record_every=0))))
         with_bn.append(mse(get_attack("ig+bn").run(problem, key, IGBNConfig(steps=steps, record_every=0),
                                                    bn_targets=leaked)))
-    print(f"IG MSE {np.round(ig, 4)}, IG + leaked BN statistics MSE {np.round(with_bn, 4)}")
-    assert all(b < a for a, b in zip(ig, with_bn)), (ig, with_bn)
-    assert np.mean(with_bn) < 0.92 * np.mean(ig), (ig, with_bn)
+    ratio = np.mean(with_bn) / np.mean(ig)
+    print(f"IG MSE {np.round(ig, 4)}, IG + leaked BN statistics MSE {np.round(with_bn, 4)}, ratio {ratio:.3f}")
+    assert ratio < 0.92, (ig, with_bn)

@@ -22,8 +22,8 @@ from gitjax.layout import GradientLayout
 from gitjax.leakage import batch_grad as _batch_grad
 from gitjax.leakage import data_mesh
 from gitjax.metrics import batch_psnr
-from gitjax.refine import (cosine_distance, l2_distance, layer_weights, multistep_decay, refine,
-                           sign_gradients, total_variation)
+from gitjax.losses import cosine_distance, l2_distance, layer_weights, total_variation
+from gitjax.refine import multistep_decay, refine
 from gitjax.types import GradientMismatchError, NonFiniteGradientError
 from gitjax.victims import make_victim
 
@@ -58,7 +58,7 @@ def psnr(a, b):
 def test_refine_minimises_with_adam_signed_adam_and_lbfgs():
     t = jnp.array([0.2, 0.7, 1.5])
     obj = lambda x: jnp.sum((x - t) ** 2)
-    signed = optax.chain(sign_gradients(), optax.adam(multistep_decay(0.1, 200)))
+    signed = optax.chain(optax.scale_by_sign(), optax.adam(multistep_decay(0.1, 200)))
     for opt in (optax.adam(0.1), signed, optax.lbfgs()):
         x, tr = jax.jit(lambda x0: refine(obj, x0, opt, 200, record_every=50, metric_fn=jnp.sum))(jnp.zeros(3))
         # Box projection: the 1.5 target is clipped to 1.

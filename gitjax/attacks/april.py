@@ -27,16 +27,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gitjax.attacks.base import AttackProblem, AttackResult
-from gitjax.attacks.dlg import ExtraLoss, image_regularisers, infer_batch_size, run_iterative
-from gitjax.attacks.labels import estimate_mean_probs, recover_labels
-from gitjax.layout import GradientLayout
-from gitjax.leakage import as_probs, batch_grad
-from gitjax.metrics import batch_psnr
-from gitjax.refine import (INITS, cosine_distance, init_images, multistep_decay, refine, select_best,
-                           sign_gradients)
+from gitjax.attacks.iterative import match_reconstruct, run_iterative
+from gitjax.leakage import batch_grad
+from gitjax.losses import ExtraLoss, cosine_distance
+from gitjax.refine import INITS
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import ViT, Victim
 
@@ -160,15 +156,20 @@ def pos_cosine(g: Grads, t: Grads) -> Array:
     return 1.0 - jnp.dot(a, b) / jnp.sqrt(jnp.dot(a, a) * jnp.dot(b, b) + 1e-30)
 
 
+def april_match(pos_weight: float):
+    """(dummy gradient, leaked gradient) -> cosine distance + pos_weight * positional cosine distance."""
+
+    def match(g: Grads, t: Grads) -> Array:
+        return cosine_distance(g, t) + pos_weight * pos_cosine(g, t)
+
+    return match
+
+
 def april_objective(victim: Victim, params: Params, state: ModelState, target_grads: Grads, y_BxK: Array,
                     pos_weight: float):
     """x -> cosine gradient distance + pos_weight * positional cosine distance (pure)."""
-
-    def objective(x_BxHxWxC: Array) -> Array:
-        g = batch_grad(victim, params, state, x_BxHxWxC, y_BxK)
-        return cosine_distance(g, target_grads) + pos_weight * pos_cosine(g, target_grads)
-
-    return objective
+    match = april_match(pos_weight)
+    return lambda x_BxHxWxC: match(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), target_grads)
 
 
 def april_opt_reconstruct(victim: Victim, params: Params, state: ModelState, target_grads: Grads,
@@ -176,31 +177,9 @@ def april_opt_reconstruct(victim: Victim, params: Params, state: ModelState, tar
                           x_prior: Array | None = None, extra_loss: ExtraLoss | None = None,
                           x_true: Array | None = None, batch_size: int | None = None) -> tuple[Array, dict[str, Array]]:
     """APRIL-opt reconstruction (pure; same signature and info as ``ig_reconstruct``)."""
-    b = infer_batch_size(labels, x_init, batch_size)
-    shape = (b, *victim.input_shape)
-    k_lab, k_run = jax.random.split(key)
-    if labels is None:
-        layout = GradientLayout.from_params(params)
-        labels = recover_labels(target_grads, layout, b, estimate_mean_probs(victim, params, state, k_lab))
-    y_BxK = as_probs(labels, victim.num_classes)
-    match = april_objective(victim, params, state, target_grads, y_BxK, config.pos_weight)
-    reg = image_regularisers(config, x_prior, extra_loss)
-    objective = lambda x: match(x) + reg(x)
-    metric = None if x_true is None else (lambda x: batch_psnr(x, x_true))
-    lr = multistep_decay(config.lr, config.steps) if config.lr_decay else config.lr
-    opt = optax.chain(sign_gradients(), optax.adam(lr)) if config.signed else optax.adam(lr)
-
-    def one_run(rk: PRNGKey):
-        x0 = init_images(rk, shape, config.init) if x_init is None else x_init
-        x, trace = refine(objective, x0, opt, config.steps, record_every=config.record_every, metric_fn=metric)
-        return x, trace, match(x)
-
-    xs, traces, d_R = jax.vmap(one_run)(jax.random.split(k_run, config.restarts))
-    _, (x, trace) = select_best(d_R, (xs, traces))
-    labels_B = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
-    return x, {"grad_distance": jnp.min(jnp.where(jnp.isnan(d_R), jnp.inf, d_R)),
-               "labels": labels_B.astype(jnp.int32), "loss": trace.loss_T, "psnr": trace.metric_R,
-               "restart_grad_distance": d_R}
+    return match_reconstruct(victim, params, state, target_grads, labels, key, config,
+                             april_match(config.pos_weight), x_init=x_init, x_prior=x_prior, extra_loss=extra_loss,
+                             x_true=x_true, batch_size=batch_size)
 
 
 _april_opt_jit = jax.jit(april_opt_reconstruct, static_argnames=("victim", "config", "extra_loss", "batch_size"))

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from gitjax.attacks.base import AttackProblem, AttackResult
-from gitjax.attacks.dlg import ExtraLoss, run_iterative
 from gitjax.attacks.ig import IGConfig, ig_reconstruct
+from gitjax.attacks.iterative import run_iterative
+from gitjax.losses import ExtraLoss
 from gitjax.refine import select_best
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
@@ -198,7 +199,7 @@ def ig_bn_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     second = dataclasses.replace(one, prior_weight=config.group_weight)
     xs, infos = jax.vmap(lambda k, x0: run(k, second, x_init=x0, x_prior=target))(keys, xs)
     i, (x, info) = select_best(infos["grad_distance"], (xs, infos))
-    info = {**info, "restart_grad_distance": infos["grad_distance"]}
+    info = {**info, "restart_grad_distance": infos["grad_distance"], "restart_index": i}
     return x, info
 
 

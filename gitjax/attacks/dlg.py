@@ -15,25 +15,19 @@ image regulariser (e.g. BatchNorm statistics).
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gitjax.attacks.base import AttackProblem, AttackResult
-from gitjax.attacks.labels import estimate_mean_probs, recover_labels
-from gitjax.layout import GradientLayout
+from gitjax.attacks.iterative import infer_batch_size, labels_or_recovered, run_iterative
 from gitjax.leakage import as_probs, batch_grad
+from gitjax.losses import ExtraLoss, image_regularisers, l2_distance
 from gitjax.metrics import batch_psnr
-from gitjax.refine import (INITS, clamp01, clamp_first01, init_images, l2_distance, multistep_decay, prior_penalty,
-                           refine, select_best, total_variation)
-from gitjax.types import Array, GitjaxError, Grads, InputShapeError, ModelState, Params, PRNGKey
+from gitjax.refine import INITS, best_of_restarts, clamp01, clamp_first01, init_images, multistep_decay, refine
+from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
-
-ExtraLoss = Callable[[Array], Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,30 +74,6 @@ def _optimizer(config: DLGConfig) -> optax.GradientTransformation:
     return optax.adam(multistep_decay(config.lr, config.steps) if config.lr_decay else config.lr)
 
 
-def infer_batch_size(labels: Array | None, x_init: Array | None, batch_size: int | None) -> int:
-    """B from whichever of labels / x_init / batch_size is given (static)."""
-    for b in (batch_size, None if labels is None else labels.shape[0], None if x_init is None else x_init.shape[0]):
-        if b is not None:
-            return int(b)
-    raise GitjaxError("the batch size is unknown: pass labels, x_init or batch_size")
-
-
-def image_regularisers(config: Any, x_prior: Array | None, extra_loss: ExtraLoss | None) -> Callable[[Array], Array]:
-    """x -> TV + prior + extra terms, the image-side part shared by DLG and IG objectives."""
-
-    def reg(x_BxHxWxC: Array) -> Array:
-        r = jnp.float32(0.0)
-        if config.tv_weight:
-            r = r + config.tv_weight * total_variation(x_BxHxWxC)
-        if x_prior is not None and config.prior_weight:
-            r = r + config.prior_weight * prior_penalty(x_BxHxWxC, x_prior)
-        if extra_loss is not None:
-            r = r + extra_loss(x_BxHxWxC)
-        return r
-
-    return reg
-
-
 def dlg_reconstruct(victim: Victim, params: Params, state: ModelState, target_grads: Grads,
                     labels: Array | None, key: PRNGKey, config: DLGConfig, x_init: Array | None = None,
                     x_prior: Array | None = None, extra_loss: ExtraLoss | None = None,
@@ -129,21 +99,25 @@ def dlg_reconstruct(victim: Victim, params: Params, state: ModelState, target_gr
     shape = (b, *victim.input_shape)
     k_lab, k_run = jax.random.split(key)
     joint = labels is None and config.soft_labels
-    if labels is None and not joint:
-        layout = GradientLayout.from_params(params)
-        labels = recover_labels(target_grads, layout, b, estimate_mean_probs(victim, params, state, k_lab))
-    reg = image_regularisers(config, x_prior, extra_loss)
+    if not joint:
+        labels = labels_or_recovered(victim, params, state, target_grads, labels, b, k_lab)
+    reg = image_regularisers(config.tv_weight, config.prior_weight, x_prior, extra_loss)
 
     def distance(x_BxHxWxC: Array, y_BxK: Array) -> Array:
         return l2_distance(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), target_grads)
 
     if joint:
-        objective = lambda z: distance(z[0], jax.nn.softmax(z[1])) + reg(z[0])
+        probs = lambda z: jax.nn.softmax(z[1])
         project, image_of = clamp_first01, (lambda z: z[0])
     else:
         y_BxK = as_probs(labels, k)
-        objective = lambda x: distance(x, y_BxK) + reg(x)
+        probs = lambda z: y_BxK
         project, image_of = clamp01, (lambda x: x)
+
+    def objective(z) -> tuple[Array, Array]:
+        d = distance(image_of(z), probs(z))
+        return d + reg(image_of(z)), d  # minimise the sum; keep the iterate by the distance alone
+
     metric = None if x_true is None else (lambda z: batch_psnr(image_of(z), x_true))
 
     def one_run(rk: PRNGKey):
@@ -151,69 +125,18 @@ def dlg_reconstruct(victim: Victim, params: Params, state: ModelState, target_gr
         x0 = init_images(kx, shape, config.init) if x_init is None else x_init
         z0 = (x0, jax.random.normal(ky, (b, k))) if joint else x0
         z, trace = refine(objective, z0, _optimizer(config), config.steps, project=project,
-                          record_every=config.record_every, metric_fn=metric)
-        y = jax.nn.softmax(z[1]) if joint else as_probs(labels, k)
-        return image_of(z), jnp.argmax(y, axis=-1).astype(jnp.int32), trace, distance(image_of(z), y)
+                          record_every=config.record_every, metric_fn=metric, has_aux=True)
+        return (image_of(z), jnp.argmax(probs(z), axis=-1).astype(jnp.int32)), trace, trace.best_score
 
-    xs, ys, traces, d_R = jax.vmap(one_run)(jax.random.split(k_run, config.restarts))
-    _, (x, y, trace) = select_best(d_R, (xs, ys, traces))
-    return x, {"grad_distance": jnp.min(jnp.where(jnp.isnan(d_R), jnp.inf, d_R)), "labels": y,
-               "loss": trace.loss_T, "psnr": trace.metric_R, "restart_grad_distance": d_R}
+    best = best_of_restarts(one_run, jax.random.split(k_run, config.restarts))
+    x, y = best.x
+    return x, {**best.info(), "labels": y}
 
 
 _dlg_jit = jax.jit(dlg_reconstruct, static_argnames=("victim", "config", "extra_loss", "batch_size"))
 
 
 # ----------------------------------------------------------------------------- host-side wrappers
-
-
-def _image_arg(problem: AttackProblem, name: str, x: Array | None) -> Array | None:
-    if x is None:
-        return None
-    x = jnp.asarray(x, jnp.float32)
-    problem.victim.check_images(x)
-    if x.shape[0] != problem.batch_size:
-        raise InputShapeError(f"{name} holds {x.shape[0]} images; the problem's batch size is {problem.batch_size}")
-    return x
-
-
-def run_iterative(reconstruct: Callable[..., tuple[Array, dict[str, Array]]], problem: AttackProblem,
-                  key: PRNGKey, config: Any, *, recover_labels_always: bool = False, x_init: Array | None = None,
-                  x_prior: Array | None = None, x_true: Array | None = None,
-                  extra_loss: ExtraLoss | None = None) -> AttackResult:
-    """Validates the problem and optional images, runs a jitted reconstruct fn, times it.
-
-    ``info``: iterations, grad_distance, seconds (wall time, compilation included on a
-    first call), labels_source ('given' | 'recovered' | 'optimised'), restarts,
-    restart_grad_distance, loss_history (objective per step of the kept restart), and
-    psnr_history (list, one entry per ``record_every`` steps) when ``x_true`` is given.
-    """
-    problem.validate()
-    x_init, x_prior, x_true = (_image_arg(problem, n, v) for n, v in
-                               (("x_init", x_init), ("x_prior", x_prior), ("x_true", x_true)))
-    if config.prior_weight and x_prior is None:
-        raise GitjaxError(f"prior_weight={config.prior_weight} needs an x_prior image")
-    labels = None if (recover_labels_always or problem.labels is None) else jnp.asarray(problem.labels)
-    if labels is not None and (labels.dtype.kind not in "iu" or not bool(
-            jnp.all((labels >= 0) & (labels < problem.victim.num_classes)))):
-        raise GitjaxError(f"labels must be ints in [0, {problem.victim.num_classes}), got {labels}")
-    if labels is not None:
-        source = "given"
-    else:
-        source = "optimised" if getattr(config, "soft_labels", False) and not recover_labels_always else "recovered"
-    t0 = time.perf_counter()
-    x, info = reconstruct(problem.victim, problem.params, problem.state, problem.grads, labels, key, config,
-                          x_init=x_init, x_prior=x_prior, extra_loss=extra_loss, x_true=x_true,
-                          batch_size=problem.batch_size)
-    x = jax.block_until_ready(x)
-    seconds = time.perf_counter() - t0
-    out = {"iterations": int(config.steps), "grad_distance": float(info["grad_distance"]), "seconds": seconds,
-           "labels_source": source, "restarts": int(config.restarts),
-           "restart_grad_distance": np.asarray(info["restart_grad_distance"]).tolist(),
-           "loss_history": np.asarray(info["loss"]).tolist()}
-    if x_true is not None:
-        out["psnr_history"] = np.asarray(info["psnr"]).tolist()
-    return AttackResult(images=x, labels=info["labels"], info=out)
 
 
 def run(problem: AttackProblem, key: PRNGKey, config: DLGConfig, x_init: Array | None = None,

@@ -5,6 +5,13 @@ one forward pass, no optimisation (Chen & Liu 2025, arXiv 2505.20026).
 As a prior, its output (a) initialises IG/DLG, (b) anchors them through a
 proximity term ``prior_weight * mean((x - x_git)^2)``, or (c) both.
 
+GIT+IG keeps what a good start has and fixes what a poor one lacks: GIT's output is
+one of IG's vmapped restarts next to ``random_starts`` random inits; its signed step
+is scaled to its gradient distance relative to a random image's; iterate and restart
+are chosen by the gradient distance alone (not TV), and the start itself is a
+candidate. Measured (LeNet, batch 1, 8 images, 200 steps; experiments/git_ig_refine.py):
+GIT+IG - max(GIT, IG) = +1.2 to +5.5 dB for Exact-GIT on patches/textures/faces/digits.
+
 ``attack(prior, grads)`` is a pure function: jit it, or vmap it over a leading
 axis of ``grads`` with ``jax.vmap(attack, in_axes=(None, 0))``.
 """
@@ -51,6 +58,10 @@ class GITConfig:
     prior_mode: 'init' (start from GIT's output), 'reg' (proximity term), 'both'.
     prior_weight: weight of the proximity term for 'reg'/'both'.
     refine_config: IGConfig / DLGConfig for the refinement (defaults when None).
+    random_starts: IG only: runs from random inits, vmapped alongside the run from GIT's
+      output; the run with the lowest gradient distance wins. With GIT's output as one
+      candidate and IG's random start as another, GIT+IG keeps the better of the two
+      (as judged by the leaked gradient): a poor prior costs nothing.
     """
 
     checkpoint: str = ""
@@ -58,6 +69,39 @@ class GITConfig:
     prior_mode: str = "init"
     prior_weight: float = 0.1
     refine_config: Any = None
+    random_starts: int = 1
+
+    def __post_init__(self):
+        if self.random_starts < 0:
+            raise GitjaxError(f"random_starts must be >= 0, got {self.random_starts}")
+
+
+_METHOD_REFINE = {"git": "", "git+ig": "ig", "git+dlg": "dlg"}
+
+
+def config_for(method: str, checkpoint: str) -> GITConfig:
+    """The default GITConfig of a registered GIT method ('git', 'git+ig', 'git+dlg')."""
+    if method not in _METHOD_REFINE:
+        raise GitjaxError(f"unknown GIT method {method!r}; expected one of {sorted(_METHOD_REFINE)}")
+    return GITConfig(checkpoint=checkpoint, refine=_METHOD_REFINE[method])
+
+
+def refine_setup(config: GITConfig) -> tuple[Any, Any]:
+    """(attack module, its config) for GIT's refinement: IG runs the start from GIT's output
+    with a step scaled to how well that start explains the gradient (``IGConfig.start_lr=0``),
+    plus ``random_starts`` random restarts."""
+    if config.refine == "ig":
+        from gitjax.attacks import ig as base_attack
+    elif config.refine == "dlg":
+        from gitjax.attacks import dlg as base_attack
+    else:
+        raise GitjaxError(f"refine must be '', 'ig' or 'dlg', got {config.refine!r}")
+    cfg = config.refine_config
+    if cfg is None:
+        cfg = base_attack.IGConfig() if config.refine == "ig" else base_attack.DLGConfig()
+    if config.refine == "ig" and config.prior_mode in ("init", "both"):
+        cfg = dataclasses.replace(cfg, restarts=max(cfg.restarts, 1 + config.random_starts))
+    return base_attack, cfg
 
 
 def _labels_for(problem: AttackProblem, layout) -> Array:
@@ -91,17 +135,7 @@ def run(problem: AttackProblem, key: Array, config: GITConfig, x_true: Array | N
         raise GitjaxError(f"prior_mode must be 'init', 'reg' or 'both', got {config.prior_mode!r}")
     x_init = x_git if config.prior_mode in ("init", "both") else None
     x_prior = x_git if config.prior_mode in ("reg", "both") else None
-    if config.refine == "ig":
-        from gitjax.attacks import ig as base_attack
-    elif config.refine == "dlg":
-        from gitjax.attacks import dlg as base_attack
-    else:
-        raise GitjaxError(f"refine must be '', 'ig' or 'dlg', got {config.refine!r}")
-    cfg = config.refine_config
-    if cfg is None:
-        # Refinement starts close to the answer: IG's default signed step (0.1) overshoots and,
-        # since the loop keeps the best iterate, would return GIT's output unchanged.
-        cfg = base_attack.IGConfig(lr=0.05) if config.refine == "ig" else base_attack.DLGConfig()
+    base_attack, cfg = refine_setup(config)
     if x_prior is not None and hasattr(cfg, "prior_weight"):
         cfg = dataclasses.replace(cfg, prior_weight=config.prior_weight)
     problem = dataclasses.replace(problem, labels=labels)

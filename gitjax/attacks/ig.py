@@ -3,11 +3,14 @@
 Minimises the cosine distance between the dummy and the leaked gradient plus a
 total-variation prior, with signed gradients into Adam, a step decay of x0.1 at
 3/8, 5/8 and 7/8 of the run, box projection onto [0, 1], and restarts (run in
-parallel with ``jax.vmap``; the best by final gradient distance is kept). Labels
-are used when given, else recovered analytically (``gitjax.attacks.labels``).
+parallel with ``jax.vmap``). The iterate and the restart kept are the ones with the
+lowest gradient distance (TV is minimised, not used to select). Labels are used
+when given, else recovered analytically (``gitjax.attacks.labels``).
 
-``ig_reconstruct`` is the pure, jit/vmap-friendly core; ``run`` is the registry
-wrapper. GIT as a prior: ``x_init`` (start point), ``x_prior`` +
+``ig_reconstruct`` is the pure, jit/vmap-friendly core (``gitjax.attacks.iterative``);
+``run`` is the registry wrapper. GIT as a prior: ``x_init`` (the last restart starts there,
+with a step scaled to how well it already explains the gradient; the start itself is
+a candidate, so the result never matches the gradient worse), ``x_prior`` +
 ``config.prior_weight`` (penalty), or both; ``extra_loss`` hooks further image
 regularisers in.
 """
@@ -15,19 +18,15 @@ regularisers in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from gitjax.attacks.base import AttackProblem, AttackResult
-from gitjax.attacks.dlg import ExtraLoss, image_regularisers, infer_batch_size, run_iterative
-from gitjax.attacks.labels import estimate_mean_probs, recover_labels
+from gitjax.attacks.iterative import match_reconstruct, run_iterative
 from gitjax.layout import GradientLayout
-from gitjax.leakage import as_probs, batch_grad
-from gitjax.metrics import batch_psnr
-from gitjax.refine import (INITS, LAYER_WEIGHTS, cosine_distance, init_images, layer_weights, multistep_decay,
-                           refine, select_best, sign_gradients)
+from gitjax.losses import LAYER_WEIGHTS, ExtraLoss, cosine_distance, layer_weights
+from gitjax.refine import INITS
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
 
@@ -42,11 +41,14 @@ class IGConfig:
       tv_weight: total-variation weight for [0, 1] images (tuned on 32x32 patches).
       signed: feed sign(gradient) to Adam.
       lr_decay: multiply lr by 0.1 at 3/8, 5/8, 7/8 of the steps.
-      restarts: parallel runs from independent inits; best by final gradient distance.
+      restarts: parallel runs; with an ``x_init`` the last starts there, the others from
+        ``init``; the run (and iterate) with the lowest gradient distance is kept.
       layer_weights: 'equal' | 'linear' (early layers first) | 'linear_increasing'.
       init: 'uniform' | 'gaussian' | 'zeros'.
       prior_weight: weight of mean((x - x_prior)^2) when an ``x_prior`` is given.
       record_every: record PSNR vs the truth every this many steps when ``x_true`` is given.
+      start_lr: step of the run from ``x_init``: > 0 fixed, 0 scaled to the start's gradient
+        distance (``gitjax.attacks.iterative.start_step_size``).
     """
 
     steps: int = 1000
@@ -59,6 +61,7 @@ class IGConfig:
     init: str = "uniform"
     prior_weight: float = 0.0
     record_every: int = 10
+    start_lr: float = 0.0
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -67,13 +70,6 @@ class IGConfig:
             raise GitjaxError(f"IG layer_weights must be one of {LAYER_WEIGHTS}, got {self.layer_weights!r}")
         if self.steps < 1 or self.restarts < 1:
             raise GitjaxError(f"steps and restarts must be >= 1, got {self.steps}, {self.restarts}")
-
-
-def ig_optimizer(config: IGConfig) -> optax.GradientTransformation:
-    """(sign ->) Adam with the paper's multi-step decay."""
-    lr = multistep_decay(config.lr, config.steps) if config.lr_decay else config.lr
-    adam = optax.adam(lr)
-    return optax.chain(sign_gradients(), adam) if config.signed else adam
 
 
 def ig_reconstruct(victim: Victim, params: Params, state: ModelState, target_grads: Grads, labels: Array | None,
@@ -85,7 +81,8 @@ def ig_reconstruct(victim: Victim, params: Params, state: ModelState, target_gra
     Args:
       target_grads: the leaked batch-mean gradient (params' structure).
       labels: (B,) int or (B, K) probabilities; None = recovered (iDLG / counting).
-      x_init: (B, H, W, C) start point for every restart (e.g. GIT's output).
+      x_init: (B, H, W, C) start point of the last restart (e.g. GIT's output); the
+        others start from ``config.init``, exactly as without x_init.
       x_prior: (B, H, W, C) prior image for the ``prior_weight`` penalty.
       extra_loss: x_BxHxWxC -> scalar added to the objective.
       x_true: (B, H, W, C) ground truth (same order as labels) to record PSNR.
@@ -93,36 +90,12 @@ def ig_reconstruct(victim: Victim, params: Params, state: ModelState, target_gra
 
     Returns:
       x_BxHxWxC in [0, 1] and info arrays: grad_distance (cosine, scalar), labels (B,),
-      loss (T,), psnr (T // record_every,), restart_grad_distance (restarts,).
+      loss (T,), psnr (T // record_every,), restart_grad_distance (restarts,), restart_index.
     """
-    b = infer_batch_size(labels, x_init, batch_size)
-    shape = (b, *victim.input_shape)
-    layout = GradientLayout.from_params(params)
-    k_lab, k_run = jax.random.split(key)
-    if labels is None:
-        labels = recover_labels(target_grads, layout, b, estimate_mean_probs(victim, params, state, k_lab))
-    y_BxK = as_probs(labels, victim.num_classes)
-    weights = layer_weights(layout, config.layer_weights)
-    reg = image_regularisers(config, x_prior, extra_loss)
-
-    def distance(x_BxHxWxC: Array) -> Array:
-        return cosine_distance(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), target_grads, weights)
-
-    objective = lambda x: distance(x) + reg(x)
-    metric = None if x_true is None else (lambda x: batch_psnr(x, x_true))
-
-    def one_run(rk: PRNGKey):
-        x0 = init_images(rk, shape, config.init) if x_init is None else x_init
-        x, trace = refine(objective, x0, ig_optimizer(config), config.steps,
-                          record_every=config.record_every, metric_fn=metric)
-        return x, trace, distance(x)
-
-    xs, traces, d_R = jax.vmap(one_run)(jax.random.split(k_run, config.restarts))
-    _, (x, trace) = select_best(d_R, (xs, traces))
-    labels_B = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
-    return x, {"grad_distance": jnp.min(jnp.where(jnp.isnan(d_R), jnp.inf, d_R)),
-               "labels": labels_B.astype(jnp.int32), "loss": trace.loss_T, "psnr": trace.metric_R,
-               "restart_grad_distance": d_R}
+    weights = layer_weights(GradientLayout.from_params(params), config.layer_weights)
+    match = functools.partial(cosine_distance, weights=weights)
+    return match_reconstruct(victim, params, state, target_grads, labels, key, config, match, x_init=x_init,
+                             x_prior=x_prior, extra_loss=extra_loss, x_true=x_true, batch_size=batch_size)
 
 
 _ig_jit = jax.jit(ig_reconstruct, static_argnames=("victim", "config", "extra_loss", "batch_size"))
