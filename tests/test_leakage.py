@@ -11,6 +11,7 @@ from gitjax.leakage import (as_probs, batch_grad, data_mesh, fedavg_update, make
                             sharded_per_example_grads)
 from gitjax.types import InputShapeError
 from gitjax.victims import make_victim
+from treeclose import assert_trees_close
 
 # resnet18 (11M params) at batch 2 keeps its per-example gradients at ~90 MB and the test cheap.
 # LeNet uses 8, one example per simulated device, so the sharding test reuses its compiled functions.
@@ -66,19 +67,7 @@ def _per_example(name, b):
 
 
 def _assert_close(actual, expected, rtol=RTOL):
-    """Every leaf: max |actual - expected| <= rtol * scale, scale = max |expected| of the leaf.
-
-    The scale is floored at 1e-3 of the whole gradient's max: some leaves are exactly zero in
-    exact arithmetic (ViT's key bias: softmax ignores a shift of all keys) and hold only roundoff.
-    """
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
-    floor = 1e-3 * max(float(np.max(np.abs(e))) for e in jax.tree_util.tree_leaves(expected))
-    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
-        a, e = np.asarray(a), np.asarray(e)
-        assert a.shape == e.shape, jax.tree_util.keystr(path)
-        scale = max(float(np.max(np.abs(e))), floor)
-        err = float(np.max(np.abs(a - e)))
-        assert err <= rtol * scale, f"{jax.tree_util.keystr(path)}: max error {err:.3g} vs scale {scale:.3g}"
+    assert_trees_close(actual, expected, rtol)
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet", "resnet8", "vit", "resnet18"])

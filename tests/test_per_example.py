@@ -12,6 +12,7 @@ from gitjax.leakage import (data_mesh, leaked_group_grads, make_loss, per_exampl
                             sharded_per_example_grads)
 from gitjax.per_example import covered_fraction, group_grads
 from gitjax.victims import MLP, LeNet, ResNet, ViT, Victim
+from treeclose import assert_trees_close
 
 RTOL = 1e-5  # float32, relative to the leaf's largest entry (summation order differs)
 
@@ -71,14 +72,7 @@ def _reference(victim, params, state, x_NxB, y_NxB):
 
 
 def _assert_close(actual, expected, rtol=RTOL):
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
-    floor = 1e-3 * max(float(np.max(np.abs(e))) for e in jax.tree_util.tree_leaves(expected))
-    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
-        a, e = np.asarray(a), np.asarray(e)
-        assert a.shape == e.shape, jax.tree_util.keystr(path)
-        scale = max(float(np.max(np.abs(e))), floor)
-        err = float(np.max(np.abs(a - e)))
-        assert err <= rtol * scale, f"{jax.tree_util.keystr(path)}: max error {err:.3g} vs scale {scale:.3g}"
+    assert_trees_close(actual, expected, rtol)
 
 
 @pytest.mark.parametrize("name,n,b", CASES)
