@@ -10,8 +10,7 @@ part does not lose the others; ``suite.json`` is rewritten after every part):
   1. per_example: per-example gradients over the batch-mean gradient (the floor)
      and the Python loop over them (benchmarks/per_example_grads.py);
   2. attacks: IG seconds per iteration over one objective gradient, GIT one-shot
-     over one generator forward (benchmarks/attack_throughput.py's ``run`` when it
-     has one, else measured here directly);
+     over one generator forward (benchmarks/attack_throughput.py's ``run``);
   3. exact_vs_coarse: an Exact-GIT training step over a Coarse-GIT one, and each
      step over its leaked gradients alone (benchmarks/prior_step.py);
   4. train: ``train_prior`` on preset lenet_coarse for the time left; examples/s
@@ -86,75 +85,13 @@ def part_per_example(s: Sizes) -> dict:
     return {"rows": rows}
 
 
-def _direct_attack_ratios(victim_name: str, n: int, steps: int, repeats: int) -> dict:
-    """IG iteration / objective gradient and GIT one-shot / generator forward, measured here."""
-    import jax
-    import jax.numpy as jnp
-
-    from gitjax.attacks import git
-    from gitjax.attacks.ig import IGConfig, _ig_jit
-    from gitjax.generators import GeneratorConfig, build_generator
-    from gitjax.leakage import as_probs, batch_grad
-    from gitjax.refine import cosine_distance
-    from per_example_grads import interleaved_medians
-
-    victim = __import__("gitjax.victims", fromlist=["make_victim"]).make_victim(victim_name)
-    params, state = jax.jit(victim.init)(jax.random.key(0))
-    x_N = jax.random.uniform(jax.random.key(1), (n, 1, *victim.input_shape))
-    y_N = jax.random.randint(jax.random.key(2), (n, 1), 0, victim.num_classes)
-    g_N = jax.jit(jax.vmap(lambda x, y: batch_grad(victim, params, state, x, y)))(x_N, y_N)
-    g0, y0 = jax.tree.map(lambda a: a[0], g_N), y_N[0]
-    short, long_ = max(1, steps // 5), steps
-    cfg = lambda k: IGConfig(steps=k, record_every=0)
-    tv_w = IGConfig().tv_weight
-    y_BxK = as_probs(y0, victim.num_classes)
-
-    def objective(x):
-        tv = jnp.mean(jnp.abs(jnp.diff(x, axis=1))) + jnp.mean(jnp.abs(jnp.diff(x, axis=2)))
-        return cosine_distance(batch_grad(victim, params, state, x, y_BxK), g0) + tv_w * tv
-
-    grad_fn = jax.jit(jax.grad(objective))
-    x1 = jax.random.uniform(jax.random.key(3), (1, *victim.input_shape))
-    reps = long_ - short
-
-    def many_grads():
-        out = x1
-        for _ in range(reps):
-            out = grad_fn(x1)
-        return out
-
-    gen = build_generator(GeneratorConfig(kind="coarse", batch_size=1), victim, params)
-    gen_params = jax.jit(gen.init)(jax.random.key(4), g_N, params)["params"]
-    prior = git.Prior(gen, gen_params, params)
-    forward = jax.jit(lambda gp, g: gen.apply({"params": gp}, g, params))
-    one_shot = jax.jit(git.attack)
-    t = interleaved_medians({
-        "ig_short": lambda: _ig_jit(victim, params, state, g0, y0, jax.random.key(5), cfg(short))[0],
-        "ig_long": lambda: _ig_jit(victim, params, state, g0, y0, jax.random.key(5), cfg(long_))[0],
-        "grads": many_grads,
-        "forward": lambda: forward(gen_params, jax.tree.map(lambda a: a[:1], g_N)),
-        "one_shot": lambda: one_shot(prior, g0),
-    }, repeats)
-    per_iter = max(t["ig_long"] - t["ig_short"], 1e-12) / reps
-    t_grad = t["grads"] / reps
-    return {"victim": victim_name, "source": "device_suite (direct)", "ig_seconds_per_iter": per_iter,
-            "objective_grad_seconds": t_grad, "ig_iter_over_objective_grad": round(per_iter / t_grad, 3),
-            "forward_seconds": t["forward"], "one_shot_over_forward": round(t["one_shot"] / t["forward"], 3)}
-
-
 def part_attacks(s: Sizes) -> dict:
+    from attack_throughput import run
+
     runs = []
     for victim, n, steps, parts in s.attack_runs:
-        try:
-            import attack_throughput as at
-            has_run = hasattr(at, "run")
-        except Exception:  # noqa: BLE001 - an import failure there just means "measure here"
-            has_run = False
-        if has_run:
-            r = at.run(victim=victim, n=n, steps=steps, repeats=s.repeats, parts=parts)
-            r["source"] = "attack_throughput.run"
-        else:
-            r = _direct_attack_ratios(victim, n, steps, s.repeats)
+        r = run(victim=victim, n=n, steps=steps, repeats=s.repeats, parts=parts)
+        r["source"] = "attack_throughput.run"
         r["victim"] = victim
         runs.append(r)
     return {"runs": runs}

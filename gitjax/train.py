@@ -79,6 +79,7 @@ from gitjax.configs import (
     get_preset,
 )
 from gitjax.leakage import batch_grad, leaked_group_grads
+from gitjax.losses import total_variation  # noqa: F401 - the generator's TV term; re-exported
 from gitjax.prior import Prior, load_prior  # noqa: F401 - re-exported for compatibility
 from gitjax.stream import StreamSources, make_draw, make_sources, stream_key
 from gitjax.types import Array, Grads, ModelState, Params, PRNGKey
@@ -166,13 +167,6 @@ def leak_gradients(victim: Victim, params: Params, state: ModelState, x_NxBxHxWx
     With a multi-device mesh the N axis is split by ``shard_map`` (see leakage.leaked_group_grads).
     """
     return leaked_group_grads(victim, params, state, x_NxBxHxWxC, y_NxB, mesh)
-
-
-def total_variation(x_NxBxHxWxC: Array) -> Array:
-    """Anisotropic TV: mean |x[i+1,j] - x[i,j]| + mean |x[i,j+1] - x[i,j]| (Rudin et al. 1992)."""
-    dh = jnp.abs(x_NxBxHxWxC[..., 1:, :, :] - x_NxBxHxWxC[..., :-1, :, :])
-    dw = jnp.abs(x_NxBxHxWxC[..., :, 1:, :] - x_NxBxHxWxC[..., :, :-1, :])
-    return jnp.mean(dh) + jnp.mean(dw)
 
 
 def psnr_per_image(x_hat: Array, x: Array) -> Array:
