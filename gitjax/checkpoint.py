@@ -136,9 +136,14 @@ class PriorCheckpointer:
         self.read_only = read_only
         if read_only:  # what orbax forces for read-only managers anyway (it would log a warning for each)
             max_to_keep, save_interval_steps = None, 0
+        # orbax names its multi-process barriers after the step folder only ("...commit_complete.3"):
+        # two managers saving the same step at once (rolling and best/) would share one barrier and
+        # deadlock across hosts. A prefix per directory name (the same on every host) keeps them apart.
+        prefix = "gitjax_" + "".join(c if c.isalnum() else "_" for c in self.directory.name)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
             create=not read_only, read_only=read_only,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix),
         )
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)

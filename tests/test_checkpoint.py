@@ -83,3 +83,19 @@ def test_no_good_step_is_one_clear_error(tmp_path):
                 as e:
             ckpt.restore(None, *_abstract(_trees(0)))
     assert "\n" not in str(e.value)
+
+
+def test_managers_of_one_workdir_use_distinct_barrier_keys(tmp_path):
+    """The rolling and best/ managers save the same step at once on every host; orbax keys its
+    cross-host barriers by the step folder name, so without distinct prefixes they would share
+    one barrier and deadlock (seen in CI: 'Timed out while waiting for async_commit_complete')."""
+    from orbax.checkpoint._src.multihost import multihost
+
+    a, b = PriorCheckpointer(tmp_path / "checkpoints"), PriorCheckpointer(tmp_path / "best")
+    try:
+        keys = {multihost.unique_barrier_key("async_commit_complete", suffix="3",
+                                             prefix=m._manager._multiprocessing_options.barrier_sync_key_prefix)
+                for m in (a, b)}
+    finally:
+        a.close(), b.close()
+    assert len(keys) == 2, keys
