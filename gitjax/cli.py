@@ -3,10 +3,12 @@
   gitjax models                      list victim models with parameter counts
   gitjax datasets                    list datasets (embedded ones work offline)
   gitjax demo                        full offline demo on embedded data
-  gitjax train-prior ...             train a GIT prior (generator) offline
+  gitjax train-prior --workdir W ... train a GIT prior (generator) offline
   gitjax attack --method M ...       reconstruct held-out images from their gradients
   gitjax experiment NAME ...         robustness study (gitjax.study; 'gitjax experiment list')
-  gitjax bench NAME                  run a benchmark script from benchmarks/
+  gitjax bench NAME ...              run benchmarks/NAME.py (from a source checkout)
+
+Bad input ends with one line, "gitjax: error: <problem and fix>", and exit code 2.
 """
 
 from __future__ import annotations
@@ -402,7 +404,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gitjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (shown by default)")
     p.add_argument("--verbose", action="store_true",
                    help="show library log messages (orbax/absl) and Python warnings in full; quiet by default")
     sub = p.add_subparsers(dest="command", required=True)
@@ -412,76 +414,105 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image shape the models are built for (each >= 1; default 32 32 3)")
     s.set_defaults(fn=cmd_models, check=validate_models)
 
-    s = sub.add_parser("datasets", help="list datasets")
+    s = sub.add_parser("datasets", help="list datasets (embedded ones work offline)")
     s.set_defaults(fn=cmd_datasets)
 
-    s = sub.add_parser("demo", help="offline end-to-end demo on the embedded dataset")
+    s = sub.add_parser("demo", help="offline end-to-end demo on the embedded dataset",
+                       description="Trains a small GIT prior on the embedded patches, attacks held-out test "
+                                   "images with GIT, IG and GIT+IG, and writes reconstruction.png, "
+                                   "metrics.json and a table with oracle rows to --out.")
     s.add_argument("--out", default="outputs/demo", help="output folder (created; default outputs/demo)")
-    s.add_argument("--victim", default="lenet", help="victim model (see gitjax models)")
+    s.add_argument("--victim", default="lenet", help="victim model (see gitjax models; default lenet)")
     s.add_argument("--generator", default="coarse", choices=("exact", "coarse", "lti"),
-                   help="coarse trains in ~1 min on CPU; exact is slower per step (closed-form inversions inside)")
-    s.add_argument("--prior-steps", type=int, default=400, help="prior training steps (>= 1)")
-    s.add_argument("--ig-steps", type=int, default=200, help="IG iterations (>= 1)")
-    s.add_argument("--num-images", type=int, default=8, help="held-out images attacked (>= 1)")
-    s.add_argument("--seed", type=int, default=0)
+                   help="generator kind (default coarse: trains in ~1 min on a 2-core CPU; exact is slower "
+                        "per step, closed-form inversions inside, and recovers more structure)")
+    s.add_argument("--prior-steps", type=int, default=400, help="prior training steps (>= 1; default 400)")
+    s.add_argument("--ig-steps", type=int, default=200, help="IG iterations (>= 1; default 200)")
+    s.add_argument("--num-images", type=int, default=8, help="held-out images attacked (>= 1; default 8)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(fn=cmd_demo, check=validate_demo)
 
     s = sub.add_parser("train-prior", help="train a GIT prior offline on auxiliary data",
-                       description="Train a GIT prior. Rerunning with the same --workdir continues the run from "
-                                   "its newest checkpoint (one line on stderr says from which step to which); "
-                                   "--no-resume refuses a --workdir that already holds a run.")
-    s.add_argument("--workdir", required=True, help="run directory (checkpoints, config, metrics.jsonl)")
-    s.add_argument("--preset", default=None, help="named TrainConfig preset (see gitjax.configs.PRESETS)")
-    s.add_argument("--victim", default=None, help="victim model (see gitjax models)")
-    s.add_argument("--data", default=None, help="auxiliary dataset (see gitjax datasets)")
+                       description="Train a GIT prior. A flag left out takes the preset's value, or without "
+                                   "--preset TrainConfig's default (shown as 'else ...'). Rerunning with the "
+                                   "same --workdir continues the run from its newest checkpoint (one line on "
+                                   "stderr says from which step to which); --no-resume refuses a --workdir "
+                                   "that already holds a run.")
+    s.add_argument("--workdir", required=True, help="run directory (checkpoints, config, metrics.jsonl), "
+                   "e.g. runs/tiny")
+    s.add_argument("--preset", default=None, help="named TrainConfig preset, e.g. tiny or lenet_coarse (all in "
+                   "gitjax.configs.PRESETS; default none: TrainConfig's defaults)")
+    s.add_argument("--victim", default=None, help="victim model (see gitjax models; default the preset's, "
+                   "else lenet)")
+    s.add_argument("--data", default=None, help="auxiliary dataset (see gitjax datasets; default the preset's, "
+                   "else patches)")
     s.add_argument("--data-dir", default=None,
                    help="TFDS data folder for mnist, cifar10, cifar100, celeb_a, imagenet (the --data_dir of "
                         "`tfds build`; passed on as $TFDS_DATA_DIR; never downloads)")
-    s.add_argument("--generator", default=None, choices=("exact", "coarse", "lti"))
-    s.add_argument("--batch-size", type=int, default=None, help="victim batch B behind each gradient (>= 1)")
-    s.add_argument("--steps", type=int, default=None, help="total training steps (>= 1); more than a saved "
-                   "run's continues it")
-    s.add_argument("--global-batch", type=int, default=None, help="gradients per training step (N, >= 1)")
-    s.add_argument("--lr", type=float, default=None, help="learning rate (> 0)")
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--generator", default=None, choices=("exact", "coarse", "lti"),
+                   help="generator kind (default the preset's, else coarse)")
+    s.add_argument("--batch-size", type=int, default=None, help="victim batch B behind each gradient (>= 1; "
+                   "default the preset's, else 1)")
+    s.add_argument("--steps", type=int, default=None, help="total training steps (>= 1; default the preset's, "
+                   "else 2000); more than a saved run's continues it")
+    s.add_argument("--global-batch", type=int, default=None, help="gradients per training step (N, >= 1; "
+                   "default the preset's, else 64)")
+    s.add_argument("--lr", type=float, default=None, help="learning rate (> 0; default the preset's, else 0.001)")
+    s.add_argument("--seed", type=int, default=None, help="random seed (default the preset's, else 0)")
     s.add_argument("--noise-std", type=float, default=None,
-                   help="train with Gaussian gradient noise of std up to this (>= 0; augmentation)")
+                   help="also train on gradients with Gaussian noise of std up to this, each gradient with "
+                        "probability 0.5 (>= 0; default: none added)")
     s.add_argument("--prune-ratio", type=float, default=None,
-                   help="train with top-k pruned gradients, ratio up to this (in [0, 1))")
+                   help="also train on top-k pruned gradients, ratio up to this, each gradient with "
+                        "probability 0.5 (in [0, 1); default: none added)")
     s.add_argument("--param-perturb", type=float, default=None,
-                   help="train with relative victim-param perturbation up to this (>= 0)")
+                   help="train with relative victim-parameter perturbation up to this (>= 0; default the "
+                        "preset's, else 0)")
     s.add_argument("--no-resume", action="store_true", help="refuse a --workdir that already holds checkpoints")
     s.set_defaults(fn=cmd_train_prior, check=validate_train_prior)
 
     s = sub.add_parser("attack", help="reconstruct held-out images from their leaked gradients")
     s.add_argument("--method", required=True,
                    help="dlg, idlg, ig, git, git+ig, git+dlg, analytic, rgap, april, april-opt, ig+bn")
-    s.add_argument("--victim", default="lenet", help="victim model (ignored for git*: taken from the prior)")
-    s.add_argument("--data", default="patches", help="dataset of the held-out images (see gitjax datasets)")
+    s.add_argument("--victim", default="lenet", help="victim model (see gitjax models; default lenet; "
+                   "git*: taken from the prior)")
+    s.add_argument("--data", default="patches", help="dataset of the held-out images (see gitjax datasets; "
+                   "default patches)")
     s.add_argument("--data-dir", default=None,
                    help="TFDS data folder for mnist, cifar10, cifar100, celeb_a, imagenet (the --data_dir of "
                         "`tfds build`; never downloads)")
-    s.add_argument("--split", default="test", help="train or test")
+    s.add_argument("--split", default="test", help="train or test (default test)")
     s.add_argument("--checkpoint", default=None,
                    help="prior run dir for git, git+ig, git+dlg (an error for the other methods)")
-    s.add_argument("--num-images", type=int, default=8, help="images attacked, a multiple of --batch-size")
-    s.add_argument("--batch-size", type=int, default=1, help="images behind each leaked gradient (>= 1)")
-    s.add_argument("--steps", type=int, default=None, help="iterations of optimisation attacks (>= 1)")
-    s.add_argument("--defense", default="none", help="none, gaussian, laplace, prune, quantize, sign")
+    s.add_argument("--num-images", type=int, default=8, help="images attacked, a multiple of --batch-size "
+                   "(default 8)")
+    s.add_argument("--batch-size", type=int, default=1, help="images behind each leaked gradient (>= 1; "
+                   "default 1)")
+    s.add_argument("--steps", type=int, default=None, help="iterations of an optimisation attack, or of the "
+                   "refinement of git+ig / git+dlg (>= 1; default the method's)")
+    s.add_argument("--defense", default="none", help="defence applied to each leaked gradient: none (default), "
+                   "gaussian, laplace, prune, quantize, sign")
     s.add_argument("--defense-arg", action="append", metavar="K=V",
-                   help="defence hyper-parameter, e.g. std=0.01 or ratio=0.9 (repeat for several)")
-    s.add_argument("--seed", type=int, default=0)
+                   help="defence hyper-parameter, e.g. std=0.01 (gaussian) or ratio=0.9 (prune); repeat for "
+                        "several")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--out", default=None, help="output folder (default outputs/attack-<method>-<time>)")
     s.add_argument("--plot", action="store_true", help="record PSNR per iteration and save convergence.png")
     s.set_defaults(fn=cmd_attack, check=validate_attack)
 
-    s = sub.add_parser("experiment", help="robustness study; extra args go to experiments' runner "
-                       "(exit code 1 if a run failed)")
-    s.add_argument("name")
+    s = sub.add_parser("experiment", help="robustness study (gitjax.study); exit code 1 if a run failed",
+                       description="Runs an experiment of the robustness study (gitjax.study). Flags after "
+                                   "NAME go to the study: --scale small|full (default small), --smoke, "
+                                   "--out DIR (default results), --victims A,B, --methods A,B, --only FILTER, "
+                                   "--dry-run, --report, --no-retry, --quiet. Exit code 1 if a run failed.")
+    s.add_argument("name", help="an experiment (gitjax experiment list), all, or list")
     s.set_defaults(fn=cmd_experiment, passthrough=True)
 
-    s = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args are passed on)")
-    s.add_argument("name")
+    s = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args are passed on)",
+                       description="Runs benchmarks/NAME.py from a source checkout and passes the flags after "
+                                   "NAME on to it (PYTHONPATH=. python benchmarks/NAME.py --help lists them).")
+    s.add_argument("name", help="per_example_grads, prior_step, generator_step, attack_throughput, "
+                   "train_throughput or device_suite (docs/benchmarks.md)")
     s.set_defaults(fn=cmd_bench, passthrough=True)
     return p
 

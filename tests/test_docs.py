@@ -520,3 +520,95 @@ def test_docs_state_conditions_not_circumstances():
     bad = [f"{p.relative_to(ROOT)}:{n}: {m.group(0)!r}" for p in DOCS
            for n, line in enumerate(p.read_text().splitlines(), 1) for m in _CIRCUMSTANCE.finditer(line)]
     assert not bad, "state the machine, date and load instead:\n" + "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- the CLI's own help
+
+# Flags of other tools the docs and help mention: tfds build/convert_format, XLA, SLURM's srun.
+_EXTERNAL_FLAGS = {"--data_dir", "--file_format", "--root_data_dir", "--out_file_format", "--ntasks-per-node"}
+_FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+
+
+def _external(flag: str) -> bool:
+    return flag in _EXTERNAL_FLAGS or flag.startswith("--xla_")
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    from gitjax.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"": parser, **subs.choices}
+
+
+def test_every_flag_named_in_the_docs_belongs_to_some_parser():
+    known = set(_gitjax()[0]).union(*_gitjax()[1].values(), _captured_spec("gitjax.study"),
+                                    _captured_spec("gitjax.train"))
+    for folder in ("experiments", "benchmarks"):
+        for path in (ROOT / folder).glob("*.py"):
+            known |= set(_script_spec(path))
+    bad = [f"{p.relative_to(ROOT)}:{n}: {flag}" for p in DOCS for n, line in enumerate(p.read_text().splitlines(), 1)
+           for flag in _FLAG.findall(line) if flag not in known and not _external(flag)]
+    assert not bad, "flags no parser has:\n" + "\n".join(bad)
+
+
+def test_cli_help_names_only_real_flags():
+    bad = []
+    for name, parser in _subparsers().items():
+        spec = _captured_spec("gitjax.study") if name == "experiment" else _spec_of(parser)
+        if name == "":
+            texts = [a.help or "" for a in parser._actions]  # the description lists commands, not flags
+        else:
+            texts = [parser.description or "", *(a.help or "" for a in parser._actions)]
+        own = set(_spec_of(parser)) | set(spec) | {"--help"}
+        bad += [f"gitjax {name}: {f}" for t in texts for f in _FLAG.findall(t) if f not in own and not _external(f)]
+    assert not bad, "\n".join(bad)
+
+
+def test_cli_help_states_each_default():
+    bad = []
+    for name, parser in _subparsers().items():
+        for a in parser._actions:
+            if a.default in (None, False, argparse.SUPPRESS) or not a.option_strings or a.required:
+                continue
+            text = a.help or ""
+            m = re.search(r"default:? ([^;,):]+)", text)
+            if m:
+                ok = _same(m.group(1).strip(), a.default)
+            else:
+                ok = f"{a.default} (default)" in text
+            if not ok:
+                bad.append(f"gitjax {name} {a.option_strings[0]}: help {text!r} vs default {a.default!r}")
+    assert not bad, "\n".join(bad)
+
+
+def test_train_prior_help_states_trainconfig_defaults():
+    from gitjax.configs import TrainConfig
+
+    c = TrainConfig()
+    expected = {"--victim": c.victim, "--data": c.dataset, "--generator": c.generator.kind,
+                "--batch-size": c.victim_batch, "--steps": c.steps, "--global-batch": c.global_batch,
+                "--lr": c.lr, "--seed": c.seed, "--param-perturb": c.param_discrepancy[1]}
+    helps = {a.option_strings[0]: a.help or "" for a in _subparsers()["train-prior"]._actions if a.option_strings}
+    bad = []
+    for flag, value in expected.items():
+        m = re.search(r"else ([^;,)]+)", helps[flag])
+        if not (m and _same(m.group(1).strip(), value)):
+            bad.append(f"{flag}: help {helps[flag]!r}, TrainConfig default {value!r}")
+    assert not bad, "\n".join(bad)
+
+
+def test_cli_help_lists_every_registered_attack_defence_and_benchmark():
+    from gitjax.attacks import ATTACKS
+    from gitjax.defenses import DEFENSES
+
+    subs = _subparsers()
+
+    def listed(sub: str, dest: str) -> set:
+        text = next(a.help for a in subs[sub]._actions if a.dest == dest)
+        return set(re.findall(r"[\w+-]+", text))
+
+    assert set(ATTACKS) <= listed("attack", "method"), sorted(set(ATTACKS) - listed("attack", "method"))
+    # dpsgd needs per-example gradients; gitjax attack leaks batch gradients and refuses it.
+    assert set(DEFENSES) - {"dpsgd"} <= listed("attack", "defense")
+    assert _benchmarks() <= listed("bench", "name"), sorted(_benchmarks() - listed("bench", "name"))
