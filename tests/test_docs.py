@@ -612,3 +612,44 @@ def test_cli_help_lists_every_registered_attack_defence_and_benchmark():
     # dpsgd needs per-example gradients; gitjax attack leaks batch gradients and refuses it.
     assert set(DEFENSES) - {"dpsgd"} <= listed("attack", "defense")
     assert _benchmarks() <= listed("bench", "name"), sorted(_benchmarks() - listed("bench", "name"))
+
+
+# ----------------------------------------------------------------------------- Python names in the docs
+
+
+def _resolves(dotted: str) -> bool:
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_python_names_in_the_docs_resolve():
+    """``gitjax.x.y`` anywhere, and the gitjax imports of every python code block, name real objects."""
+    bad = []
+    for path in DOCS:
+        text = path.read_text()
+        names = set(re.findall(r"(?<![\w/])gitjax(?:\.[A-Za-z_]\w*)+", text))
+        for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL):
+            try:
+                tree = ast.parse(block)
+            except SyntaxError as e:
+                bad.append(f"{path.relative_to(ROOT)}: a python block does not parse ({e.msg}, line {e.lineno})")
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "gitjax":
+                    names |= {f"{node.module}.{a.name}" for a in node.names}
+                elif isinstance(node, ast.Import):
+                    names |= {a.name for a in node.names if a.name.split(".")[0] == "gitjax"}
+        bad += [f"{path.relative_to(ROOT)}: {n}" for n in sorted(names) if not _resolves(n)]
+    assert not bad, "names that do not resolve:\n" + "\n".join(bad)
