@@ -653,3 +653,13 @@ def test_python_names_in_the_docs_resolve():
                     names |= {a.name for a in node.names if a.name.split(".")[0] == "gitjax"}
         bad += [f"{path.relative_to(ROOT)}: {n}" for n in sorted(names) if not _resolves(n)]
     assert not bad, "names that do not resolve:\n" + "\n".join(bad)
+
+
+def test_readme_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[: layout.index("\n## ", 1)]
+    modules = [p.name for p in (ROOT / "gitjax").glob("*.py") if not p.name.startswith("__")]
+    modules += [p.name + "/" for p in (ROOT / "gitjax").iterdir() if (p / "__init__.py").exists()]
+    missing = [m for m in sorted(modules) if not re.search(rf"(?<![\w/]){re.escape(m)}", layout)]
+    assert not missing, f"README.md's Layout does not name {missing}"
