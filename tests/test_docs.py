@@ -12,7 +12,9 @@ inline code) is read without running it:
   ``choices`` is one of them;
 * a usage hint ``[--flag VALUE]`` shows the parser's default; a flag that takes several values
   (``nargs="+"``) is not shown with a comma-separated list;
-* every flag of every ``gitjax`` subcommand appears in README.md.
+* every flag of every ``gitjax`` subcommand appears in README.md;
+* the commands in the docstrings of gitjax/, experiments/ and benchmarks/ pass the same
+  flag and name checks (their ``[--flag VALUE]`` may show an example rather than the default).
 
 The docs also link only to files inside the repository, name no absolute temporary folder
 (nor does any file of the package), and state the conditions of a measurement (machine, date)
@@ -287,6 +289,9 @@ def _check_options(walk: _Walk, spec: Spec, name: str, toks: list, positional: C
             i += 1
             continue
         flag, _, inline = tok.rstrip(":;,.").partition("=")
+        if flag == "--help":  # every parser has it
+            i += 1
+            continue
         if flag not in spec:
             walk.report("flag", f"{flag} is not an option of {name}")
             i += 1
@@ -371,6 +376,8 @@ def check_command(command: str, where: str, problems: list, seen: set) -> None:
     for i, (tok, _) in enumerate(toks):
         if tok.startswith("--"):
             flag = tok.rstrip(":;,.")
+            if flag == "--help":
+                continue
             if flag not in top:
                 walk.report("flag", f"{flag} is not an option of gitjax (before the subcommand)")
             else:
@@ -663,3 +670,16 @@ def test_readme_layout_names_every_module():
     modules += [p.name + "/" for p in (ROOT / "gitjax").iterdir() if (p / "__init__.py").exists()]
     missing = [m for m in sorted(modules) if not re.search(rf"(?<![\w/]){re.escape(m)}", layout)]
     assert not missing, f"README.md's Layout does not name {missing}"
+
+
+def test_commands_in_docstrings_use_real_flags_and_names():
+    problems = []
+    for folder in ("gitjax", "experiments", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        problems += check_doc(doc, f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 1)}")[0]
+    problems = [p for p in problems if p.kind != "default"]
+    assert not problems, _listing(problems)
