@@ -116,12 +116,19 @@ def _captured_spec(module: str) -> Spec:
 
 
 @functools.lru_cache(maxsize=None)
-def _gitjax() -> tuple[Spec, dict[str, Spec]]:
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    """``gitjax.cli.build_parser()`` as {"": the top-level parser, subcommand: its parser}."""
     from gitjax.cli import build_parser
 
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return _spec_of(parser), {name: _spec_of(p) for name, p in subs.choices.items()}
+    return {"": parser, **subs.choices}
+
+
+@functools.lru_cache(maxsize=None)
+def _gitjax() -> tuple[Spec, dict[str, Spec]]:
+    parsers = _subparsers()
+    return _spec_of(parsers[""]), {name: _spec_of(p) for name, p in parsers.items() if name}
 
 
 # ----------------------------------------------------------------------------- registries
@@ -538,14 +545,6 @@ _FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 
 def _external(flag: str) -> bool:
     return flag in _EXTERNAL_FLAGS or flag.startswith("--xla_")
-
-
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    from gitjax.cli import build_parser
-
-    parser = build_parser()
-    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {"": parser, **subs.choices}
 
 
 def test_every_flag_named_in_the_docs_belongs_to_some_parser():
