@@ -343,8 +343,11 @@ def _check_values(walk: _Walk, name: str, flag: str, opt: Opt, values: list, def
 
 
 def _check_study(walk: _Walk, name: str, toks: list) -> None:
-    def positional(tok: str) -> None:
-        if not _is_placeholder(tok) and re.fullmatch(r"[a-z_]+", tok) and tok not in _experiments():
+    first = []
+
+    def positional(tok: str) -> None:  # the first is the experiment; later words are prose
+        first.append(tok)
+        if len(first) == 1 and not _is_placeholder(tok) and tok not in _experiments():
             walk.report("name", f"no experiment {tok!r} (gitjax experiment list)")
 
     _check_options(walk, _captured_spec("gitjax.study"), name, toks, positional)
