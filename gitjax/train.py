@@ -79,6 +79,7 @@ from gitjax.configs import (
     get_preset,
 )
 from gitjax.leakage import batch_grad, leaked_group_grads
+from gitjax.metrics import psnr
 from gitjax.losses import total_variation  # noqa: F401 - the generator's TV term; re-exported
 from gitjax.prior import Prior, load_prior  # noqa: F401 - re-exported for compatibility
 from gitjax.stream import StreamSources, make_draw, make_sources, stream_key
@@ -167,12 +168,6 @@ def leak_gradients(victim: Victim, params: Params, state: ModelState, x_NxBxHxWx
     With a multi-device mesh the N axis is split by ``shard_map`` (see leakage.leaked_group_grads).
     """
     return leaked_group_grads(victim, params, state, x_NxBxHxWxC, y_NxB, mesh)
-
-
-def psnr_per_image(x_hat: Array, x: Array) -> Array:
-    """PSNR in dB for peak 1 over the last three axes (H, W, C); MSE floored at 1e-10."""
-    mse = jnp.mean(jnp.square(x_hat - x), axis=(-3, -2, -1))
-    return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
 
 
 def _switch(index: Array, fns: Sequence[Callable[..., Any]], *args: Any) -> Any:
@@ -403,7 +398,8 @@ def _make_fns(config: TrainConfig, victim: Victim, generator: nn.Module, abstrac
         grads_N = leak_gradients(victim, victim_params, victim_state, x_NxBxHxWxC, y_NxB, mesh)
         x_hat = jnp.clip(generator.apply({"params": ema_params}, grads_N, victim_params), 0.0, 1.0)
         return {"loss": jnp.mean(jnp.square(x_hat - x_NxBxHxWxC)),
-                "psnr": jnp.mean(psnr_per_image(x_hat, x_NxBxHxWxC))}
+                "psnr": jnp.mean(psnr(x_hat.reshape(-1, *x_hat.shape[2:]),
+                                      x_NxBxHxWxC.reshape(-1, *x_NxBxHxWxC.shape[2:])))}
 
     return init, train_step, eval_step
 
