@@ -3,7 +3,7 @@
     python benchmarks/generator_step.py                       # LeNet and ResNet-8, N = 16, B = 1
     python benchmarks/generator_step.py --victims lenet --n 32 --repeats 5
 
-The step is gitjax's own trainer step (``gitjax.train._compiled``: leaked gradients
+The step is gitjax's own trainer step (``gitjax.train_step.compiled_step_fns``: leaked gradients
 of N groups of B images, generator forward, MSE, backward, AdamW, EMA), jitted on a
 one-device mesh. Each timing is the median of ``--repeats`` steps after one
 warm-up step (compilation excluded). The floor Exact-GIT is compared with is
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from gitjax import parallel
 from gitjax.configs import TrainConfig
 from gitjax.generators import GeneratorConfig
-from gitjax.train import _compiled, _Hashable, _abstract_victim
+from gitjax.prior import _abstract_victim
+from gitjax.train_step import HashableShapes, compiled_step_fns
 from gitjax.victims import make_victim
 
 
@@ -40,7 +41,7 @@ def step_seconds(victim_name: str, kind: str, n: int, b: int, repeats: int, **ge
                          victim_batch=b, global_batch=n, steps=100, warmup=1, checkpoint_every=0,
                          log_every=0, eval_every=0)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    fns = _compiled(config, victim, mesh, _Hashable(_abstract_victim(victim)))
+    fns = compiled_step_fns(config, victim, mesh, HashableShapes(_abstract_victim(victim)))
     params, vstate = jax.jit(victim.init)(jax.random.PRNGKey(0))
     state = fns.init(jnp.int32(0), params)
     k_x, k_y = jax.random.split(jax.random.PRNGKey(1))

@@ -34,7 +34,8 @@ from per_example_grads import device_name, interleaved_medians  # noqa: E402
 
 from gitjax.configs import get_preset  # noqa: E402
 from gitjax.generators import build_generator  # noqa: E402
-from gitjax.train import leak_gradients, make_optimizer, total_variation  # noqa: E402
+from gitjax.losses import total_variation  # noqa: E402
+from gitjax.train_step import leak_gradients, make_optimizer  # noqa: E402
 from gitjax.victims import make_victim  # noqa: E402
 
 

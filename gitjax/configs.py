@@ -15,6 +15,8 @@ import dataclasses
 import typing
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from gitjax.generators import GeneratorConfig
 from gitjax.stream import StreamConfig
 from gitjax.types import GitjaxError
@@ -55,7 +57,7 @@ class Perturbation:
     prob: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "params", tuple((str(k), _freeze(v)) for k, v in self.params))
+        object.__setattr__(self, "params", tuple((str(k), freeze(v)) for k, v in self.params))
         object.__setattr__(self, "ranges", tuple((str(k), float(lo), float(hi)) for k, lo, hi in self.ranges))
 
     def level_values(self) -> list[dict[str, Any]]:
@@ -176,7 +178,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "victim_kwargs", tuple((str(k), _freeze(v)) for k, v in dict(self.victim_kwargs).items()))
+        object.__setattr__(self, "victim_kwargs", tuple((str(k), freeze(v)) for k, v in dict(self.victim_kwargs).items()))
         object.__setattr__(self, "perturbations", tuple(self.perturbations))
         object.__setattr__(self, "param_discrepancy", tuple(float(x) for x in self.param_discrepancy))
 
@@ -257,29 +259,42 @@ def _perturbation_problems(perturbations: tuple[Perturbation, ...]) -> list[str]
 # ----------------------------------------------------------------------------- dict <-> config
 
 
-def _freeze(v: Any) -> Any:
-    """Lists (from JSON) -> tuples, recursively, so configs stay hashable and compare equal."""
+def freeze(v: Any) -> Any:
+    """Lists (from JSON) -> tuples and mappings -> key-sorted ((key, value), ...), recursively.
+
+    The one freezer of gitjax's frozen configs and specs (trainer configs, study runs,
+    pipeline cache keys): the result is hashable and equal for equal content.
+    """
     if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
+        return tuple(freeze(x) for x in v)
     if isinstance(v, Mapping):
-        return tuple((str(k), _freeze(x)) for k, x in v.items())
+        return tuple(sorted((str(k), freeze(x)) for k, x in v.items()))
     return v
 
 
-def _to_jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """Plain JSON values of a (nested) config: dataclasses -> dicts, tuples -> lists, numpy scalars -> numbers.
+
+    A value with a ``to_json()`` method gives its own form (e.g. ``gitjax.study.Defense``).
+    Also usable as ``json.dumps(..., default=jsonable)``.
+    """
+    if hasattr(v, "to_json") and not isinstance(v, type):
+        return v.to_json()
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _to_jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
     if isinstance(v, (list, tuple)):
-        return [_to_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, Mapping):
-        return {str(k): _to_jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
     return v
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     """A JSON-serialisable dict (victim_kwargs as a dict, tuples as lists)."""
-    d = _to_jsonable(config)
-    d["victim_kwargs"] = {k: _to_jsonable(v) for k, v in config.victim_kwargs}
+    d = jsonable(config)
+    d["victim_kwargs"] = {k: jsonable(v) for k, v in config.victim_kwargs}
     return d
 
 
@@ -297,7 +312,7 @@ def _dataclass_from_dict(cls: type, d: Mapping[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[k] = _dataclass_from_dict(hint, v, f"{where}.{k}")
         else:
-            kwargs[k] = _freeze(v)
+            kwargs[k] = freeze(v)
     return cls(**kwargs)
 
 

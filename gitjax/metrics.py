@@ -7,19 +7,24 @@ numbers. The image metrics are pure ``jax.numpy`` and can be wrapped in
 ``jax.jit`` / ``jax.vmap``; shape checks happen at trace time (shapes are
 static), so they raise ``ValueError`` eagerly and under ``jit`` alike.
 
-``match_reconstructions`` and ``evaluate`` are host-side (numpy / scipy)
-helpers and are not jittable.
+Matching reconstructions to ground truths (batch inversion returns images in
+any order) is ``match_permutation``: pairwise PSNR and the Hungarian algorithm
+(``optax.assignment.hungarian_algorithm``), jittable and vmappable, so
+``score_groups`` matches all N groups in one ``jit(vmap(...))``.
+``match_reconstructions``, ``evaluate`` and ``score_groups`` take and return
+host values (numpy / python).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import jax
 import dm_pix as pix
+import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+import optax
 
 __all__ = [
     "mse",
@@ -32,6 +37,8 @@ __all__ = [
     "score_groups",
     "label_accuracy",
     "label_multiset_accuracy",
+    "pairwise_psnr",
+    "match_permutation",
     "match_reconstructions",
     "evaluate",
 ]
@@ -242,18 +249,35 @@ def score_groups(recon_NxBxHxWxC: Any, truth_NxBxHxWxC: Any, labels_NxB: Any | N
     recon, truth = np.asarray(recon_NxBxHxWxC, np.float32), np.asarray(truth_NxBxHxWxC, np.float32)
     if recon.shape != truth.shape or recon.ndim != 5:
         raise ValueError(f"expected two (N, B, H, W, C) arrays of equal shape, got {recon.shape} and {truth.shape}")
-    per = [evaluate(r, t, match=r.shape[0] > 1) for r, t in zip(recon, truth)]
+    perm_NxB, mse_NxB, psnr_NxB, ssim_NxB = jax.device_get(
+        _score_groups(recon, truth, match=recon.shape[1] > 1))
     out: dict[str, Any] = {}
-    for m in ("psnr", "ssim", "mse"):
-        vals = [v for p in per for v in p[f"{m}_per_image"]]
+    for m, v_NxB in (("psnr", psnr_NxB), ("ssim", ssim_NxB), ("mse", mse_NxB)):
+        vals = [float(v) for v in np.asarray(v_NxB, np.float64).reshape(-1)]
         out[m] = float(np.mean(vals))
         out[f"{m}_per_image"] = vals
-    out["permutation_NxB"] = [p["permutation"] for p in per]
+    out["permutation_NxB"] = [[int(i) for i in p] for p in perm_NxB]
     out["label_acc"] = None
     if labels_NxB is not None and true_labels_NxB is not None:
         out["label_acc"] = float(np.mean([label_multiset_accuracy(np.asarray(p), np.asarray(t))
                                           for p, t in zip(labels_NxB, true_labels_NxB)]))
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("match",))
+def _score_groups(recon_NxBxHxWxC: jax.Array, truth_NxBxHxWxC: jax.Array, match: bool
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(perm_NxB, mse_NxB, psnr_NxB, ssim_NxB): every group matched (vmap) and scored in one program."""
+    n, b = truth_NxBxHxWxC.shape[:2]
+    if match:
+        perm_NxB = jax.vmap(match_permutation)(recon_NxBxHxWxC, truth_NxBxHxWxC)
+    else:
+        perm_NxB = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32), (n, b))
+    aligned = jnp.take_along_axis(recon_NxBxHxWxC, perm_NxB[:, :, None, None, None], axis=1)
+    x_MxHxWxC = aligned.reshape(n * b, *aligned.shape[2:])
+    y_MxHxWxC = truth_NxBxHxWxC.reshape(n * b, *truth_NxBxHxWxC.shape[2:])
+    return (perm_NxB, mse(x_MxHxWxC, y_MxHxWxC).reshape(n, b), psnr(x_MxHxWxC, y_MxHxWxC).reshape(n, b),
+            ssim(x_MxHxWxC, y_MxHxWxC).reshape(n, b))
 
 
 # ---------------------------------------------------------------------------
@@ -310,49 +334,57 @@ def label_multiset_accuracy(
 
 
 # ---------------------------------------------------------------------------
-# host-side helpers
+# matching
 # ---------------------------------------------------------------------------
 
 
-def _pairwise_psnr(
-    truth_BxD: np.ndarray, recon_BxD: np.ndarray, data_range: float
-) -> np.ndarray:
-    """(B_truth, B_recon) PSNR between every truth and every reconstruction."""
-    # Row loop keeps memory at O(B * D) instead of O(B^2 * D).
-    mse_BxB = np.stack(
-        [np.mean(np.square(recon_BxD - t_D[None, :]), axis=1) for t_D in truth_BxD]
-    )
-    return 10.0 * np.log10(data_range**2 / np.maximum(mse_BxB, _MSE_FLOOR))
+def pairwise_psnr(
+    truth_BxHxWxC: jax.Array, recon_BxHxWxC: jax.Array, data_range: float = 1.0
+) -> jax.Array:
+    """(B_truth, B_recon) PSNR in dB between every truth and every reconstruction (jittable).
+
+    Same formula and MSE floor as :func:`psnr`; one truth row at a time
+    (``lax.map``), so memory stays O(B * H * W * C), not O(B^2 * H * W * C).
+    """
+    b = truth_BxHxWxC.shape[0]
+    truth_BxD = jnp.asarray(truth_BxHxWxC).reshape(b, -1)
+    recon_BxD = jnp.asarray(recon_BxHxWxC).reshape(recon_BxHxWxC.shape[0], -1)
+    mse_BxB = jax.lax.map(lambda t_D: jnp.mean(jnp.square(recon_BxD - t_D[None, :]), axis=1), truth_BxD)
+    return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse_BxB, _MSE_FLOOR))
+
+
+def match_permutation(
+    recon_BxHxWxC: jax.Array, truth_BxHxWxC: jax.Array, data_range: float = 1.0
+) -> jax.Array:
+    """The one-to-one assignment of reconstructions to ground truths with the largest total PSNR.
+
+    Batch gradient inversion recovers images in an arbitrary order, so each
+    reconstruction is paired with a ground-truth image by the Hungarian algorithm
+    (``optax.assignment.hungarian_algorithm`` on the negated :func:`pairwise_psnr`).
+    Pure ``jax.numpy``: jit it, vmap it over groups.
+
+    Returns:
+      perm_B: int32 (B,) permutation such that recon[perm[i]] is matched with
+      truth[i], i.e. ``recon[perm]`` is aligned with ``truth``.
+    """
+    _check_pair(recon_BxHxWxC, truth_BxHxWxC)
+    b = truth_BxHxWxC.shape[0]
+    psnr_BxB = pairwise_psnr(truth_BxHxWxC, recon_BxHxWxC, data_range)
+    truth_idx_B, recon_idx_B = optax.assignment.hungarian_algorithm(-psnr_BxB)
+    return jnp.zeros((b,), jnp.int32).at[truth_idx_B].set(recon_idx_B.astype(jnp.int32))
+
+
+_match_permutation_jit = jax.jit(match_permutation)
 
 
 def match_reconstructions(
     recon_BxHxWxC: Any, truth_BxHxWxC: Any, data_range: float = 1.0
 ) -> np.ndarray:
-    """Optimal one-to-one assignment of reconstructions to ground truths.
-
-    Batch gradient inversion recovers images in an arbitrary order, so each
-    reconstruction is paired with a ground-truth image by Hungarian matching
-    (scipy.optimize.linear_sum_assignment) maximising the total pairwise
-    PSNR. Host-side numpy/scipy: NOT jittable.
-
-    Args:
-      recon_BxHxWxC: reconstructed images (B, H, W, C).
-      truth_BxHxWxC: ground-truth images, same shape.
-      data_range: value range used for PSNR.
-
-    Returns:
-      perm_B: int64 (B,) permutation such that recon[perm[i]] is matched with
-      truth[i], i.e. ``recon[perm]`` is aligned with ``truth``.
-    """
+    """Host form of :func:`match_permutation`: numpy in, int64 (B,) ``perm`` out (``recon[perm]`` ~ ``truth``)."""
     _check_pair(recon_BxHxWxC, truth_BxHxWxC)
-    b = np.shape(truth_BxHxWxC)[0]
-    recon_BxD = np.asarray(recon_BxHxWxC, dtype=np.float64).reshape(b, -1)
-    truth_BxD = np.asarray(truth_BxHxWxC, dtype=np.float64).reshape(b, -1)
-    psnr_BxB = _pairwise_psnr(truth_BxD, recon_BxD, data_range)
-    truth_idx_B, recon_idx_B = linear_sum_assignment(psnr_BxB, maximize=True)
-    perm_B = np.empty(b, dtype=np.int64)
-    perm_B[truth_idx_B] = recon_idx_B
-    return perm_B
+    recon = jnp.asarray(recon_BxHxWxC, jnp.float32)
+    truth = jnp.asarray(truth_BxHxWxC, jnp.float32)
+    return np.asarray(_match_permutation_jit(recon, truth, data_range), dtype=np.int64)
 
 
 def evaluate(

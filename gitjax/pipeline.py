@@ -28,6 +28,7 @@ import numpy as np
 
 from gitjax.attacks.base import AttackProblem, Hints
 from gitjax.attacks.registry import get_attack
+from gitjax.configs import freeze
 from gitjax.prior import Prior, attack, check_gradients
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
@@ -81,14 +82,6 @@ def attacker_from_dataset(victim_name: str, dataset: str, seed: int = 0, data_di
 # ----------------------------------------------------------------------------- leak + defend
 
 
-def _freeze(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return tuple(sorted((str(k), _freeze(x)) for k, x in v.items()))
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
 @functools.lru_cache(maxsize=64)
 def _leak_fn(victim: Victim, defense: str, defense_args: tuple, local_steps: int, local_lr: float):
     """jit(vmap): client params, N groups of B images, key -> N defended leaked gradients."""
@@ -117,7 +110,7 @@ def leak(victim: Victim, params: Params, state: ModelState, x_NxBxHxWxC: Any, y_
          local_lr: float = 0.1) -> Grads:
     """The N gradients the clients share: each the batch-mean gradient of its B images (FedSGD; FedAvg's
     model difference when ``local_steps > 1``), after the defence. Leaves (N, *param)."""
-    fn = _leak_fn(victim, defense, _freeze(dict(defense_args or {})), int(local_steps), float(local_lr))
+    fn = _leak_fn(victim, defense, freeze(dict(defense_args or {})), int(local_steps), float(local_lr))
     return fn(params, state, jnp.asarray(x_NxBxHxWxC), jnp.asarray(y_NxB, jnp.int32), key)
 
 

@@ -126,7 +126,7 @@ def abstract_train_state(config: Any, generator: nn.Module, abstract_victim_para
     A checkpoint holds the whole fingerprinted training state, so restoring needs its
     structure: the generator's params and the optimiser state of ``config``.
     """
-    from gitjax.train import TrainState, make_optimizer  # pure pieces only
+    from gitjax.train_step import TrainState, make_optimizer  # pure pieces only
 
     tx = make_optimizer(config)
 
@@ -199,7 +199,7 @@ def save_prior(prior: Prior, workdir: str | Path, step: int = 0) -> Path:
     """
     from gitjax.checkpoint import CHECKPOINT_SUBDIR, PriorCheckpointer
     from gitjax.configs import config_to_dict
-    from gitjax.train import TrainState, make_optimizer
+    from gitjax.train_step import TrainState, make_optimizer
 
     if prior.config is None:
         raise GitjaxError("save_prior needs a Prior with its TrainConfig (prior.config)")

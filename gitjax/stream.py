@@ -47,7 +47,7 @@ import numpy as np
 from gitjax.types import Array, PRNGKey
 
 COMPONENTS = ("photos", "dead_leaves", "spectral", "dataset")
-# Same threshold as the patches dataset's filter (gitjax.data._MIN_PATCH_STD).
+# Same threshold as the patches dataset's filter (gitjax.data.embedded._MIN_PATCH_STD).
 MIN_CROP_STD = 0.02
 _CROP_TRIES = 2  # candidates per photo slot; the first that is not flat is kept
 _STREAM_SALT = 0x57EA

@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from gitjax import data
+from gitjax.data import dataset, embedded, tfds_loader
 
 EMBEDDED = ("patches", "digits", "faces", "textures")
 TFDS_NAMES = ("mnist", "cifar10", "cifar100", "celeb_a", "imagenet")
@@ -36,7 +37,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("name", EMBEDDED)
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_embedded_shape_dtype_range(name: str, split: str, no_network: None) -> None:
-    data._cached_embedded.cache_clear()  # really build it under no_network
+    embedded._cached_embedded.cache_clear()  # really build it under no_network
     ds = data.load_embedded(name, split)
     n = len(ds)
     assert n > 0
@@ -75,7 +76,7 @@ def test_patch_splits_use_several_photos() -> None:
 
 def test_patches_are_not_near_constant() -> None:
     ds = data.load_embedded("patches", "train")
-    assert ds.images.std(axis=(1, 2)).mean(axis=-1).min() >= data._MIN_PATCH_STD
+    assert ds.images.std(axis=(1, 2)).mean(axis=-1).min() >= embedded._MIN_PATCH_STD
 
 
 def test_real_labels() -> None:
@@ -94,9 +95,9 @@ def test_pseudo_labels_cover_all_classes() -> None:
 
 @pytest.mark.parametrize("name", EMBEDDED)
 def test_embedded_deterministic(name: str) -> None:
-    data._cached_embedded.cache_clear()
+    embedded._cached_embedded.cache_clear()
     a = data.load_embedded(name, "train")
-    data._cached_embedded.cache_clear()
+    embedded._cached_embedded.cache_clear()
     b = data.load_embedded(name, "train")
     assert a is not b
     np.testing.assert_array_equal(a.images, b.images)
@@ -134,7 +135,7 @@ def test_patch_image_size_keeps_content(size: int) -> None:
     # Same patches (same order/labels), only another resolution.
     np.testing.assert_array_equal(ds.labels, base.labels)
     np.testing.assert_array_equal(ds.source_ids, base.source_ids)
-    back = data._resize(ds.images, 32, 32)
+    back = dataset._resize(ds.images, 32, 32)
     assert np.abs(back - base.images).mean() < 0.05
 
 
@@ -259,15 +260,15 @@ def test_tfds_mocked(name: str, image_size: int, channels: int, no_network: None
     [(32, "imagenet_resized/32x32"), (64, "imagenet_resized/64x64"), (96, "imagenet2012")],
 )
 def test_imagenet_variant(image_size: int, tfds_name: str) -> None:
-    assert data._imagenet_tfds_name(image_size) == tfds_name
+    assert tfds_loader._imagenet_tfds_name(image_size) == tfds_name
     with tfds.testing.mock_data(num_examples=2):
         ds = data.load_dataset("imagenet", "test", image_size=image_size)
     assert ds.images.shape == (2, image_size, image_size, 3) and ds.num_classes == 1000
 
 
 def test_celeb_a_label_is_male_attribute() -> None:
-    assert data._celeba_label({"attributes": {"Male": np.True_}}) == 1
-    assert data._celeba_label({"attributes": {"Male": False}}) == 0
+    assert tfds_loader._celeba_label({"attributes": {"Male": np.True_}}) == 1
+    assert tfds_loader._celeba_label({"attributes": {"Male": False}}) == 0
 
 
 @pytest.mark.parametrize("name", ["cifar10", "imagenet"])
@@ -308,7 +309,7 @@ def test_validation_split_holds_out_whole_train_photos() -> None:
     ds = data.load_dataset("patches", "train")
     fit, val = data.split_validation(ds)
     assert len(fit) + len(val) == len(ds) and len(val) == 263 and len(fit) == 1161
-    sources = data._PHOTO_SOURCES["patches"]["train"]
+    sources = embedded._PHOTO_SOURCES["patches"]["train"]
     assert {sources[i] for i in set(val.source_ids.tolist())} == set(data.VALIDATION_SOURCES["patches"])
     assert not set(val.source_ids.tolist()) & set(fit.source_ids.tolist())
     digits_fit, digits_val = data.split_validation(data.load_dataset("digits", "train"))

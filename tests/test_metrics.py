@@ -265,3 +265,55 @@ def test_score_groups_matches_within_each_group():
     assert out["psnr"] == pytest.approx(100.0) and len(out["psnr_per_image"]) == 6
     assert out["permutation_NxB"] == [[2, 1, 0], [2, 1, 0]]
     assert out["label_acc"] == pytest.approx((1.0 + 2 / 3) / 2)
+
+
+# ----------------------------------------------------------------------------- matching (optax Hungarian)
+
+
+def _brute_force_perm(recon: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The permutation with the largest total PSNR, by trying all B! of them (float64)."""
+    import itertools
+
+    b = len(truth)
+    mse_BxB = np.array([[np.mean((r.astype(np.float64) - t) ** 2) for r in recon] for t in truth])
+    psnr_BxB = 10 * np.log10(1.0 / np.maximum(mse_BxB, 1e-10))
+    best = max(itertools.permutations(range(b)), key=lambda p: sum(psnr_BxB[i, p[i]] for i in range(b)))
+    return np.array(best)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_match_permutation_equals_brute_force_search(seed):
+    """Random groups where matching is not obvious (each recon a random mix of a shuffled truth and
+    noise): the jitted Hungarian assignment is the brute-force optimum, for B = 2..6."""
+    rng = np.random.default_rng(seed)
+    for b in range(2, 7):
+        truth = rng.random((b, 8, 8, 3)).astype(np.float32)
+        mix_B = rng.uniform(0.0, 0.6, size=(b, 1, 1, 1))
+        recon = (mix_B * truth[rng.permutation(b)] + (1 - mix_B) * rng.random(truth.shape)).astype(np.float32)
+        want = _brute_force_perm(recon, truth)
+        np.testing.assert_array_equal(metrics.match_reconstructions(recon, truth), want)
+        np.testing.assert_array_equal(np.asarray(jax.jit(metrics.match_permutation)(recon, truth)), want)
+
+
+def test_match_permutation_vmaps_over_groups_and_handles_b1():
+    rng = np.random.default_rng(3)
+    truth = rng.random((5, 4, 8, 8, 1)).astype(np.float32)
+    recon = np.clip(truth + 0.1 * rng.standard_normal(truth.shape), 0, 1).astype(np.float32)
+    shuffles = np.stack([rng.permutation(4) for _ in range(5)])
+    recon = np.take_along_axis(recon, shuffles[:, :, None, None, None], axis=1)
+    perm_NxB = np.asarray(jax.jit(jax.vmap(metrics.match_permutation))(recon, truth))
+    np.testing.assert_array_equal(perm_NxB, np.argsort(shuffles, axis=1))
+    assert metrics.match_reconstructions(recon[0, :1], truth[0, :1]).tolist() == [0]
+
+
+def test_score_groups_equals_evaluate_per_group():
+    """The one-program score (vmapped matching, all groups at once) agrees with evaluate() group by group."""
+    rng = np.random.default_rng(5)
+    truth = rng.random((3, 4, 16, 16, 3)).astype(np.float32)
+    recon = np.clip(truth[:, ::-1] + 0.1 * rng.standard_normal(truth.shape), 0, 1).astype(np.float32)
+    out = metrics.score_groups(recon, truth)
+    per = [metrics.evaluate(r, t) for r, t in zip(recon, truth)]
+    assert out["permutation_NxB"] == [p["permutation"] for p in per] == [[3, 2, 1, 0]] * 3
+    for m in ("psnr", "ssim", "mse"):
+        np.testing.assert_allclose(out[f"{m}_per_image"], [v for p in per for v in p[f"{m}_per_image"]],
+                                   rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from gitjax import data, stream
+from gitjax.data import embedded
 from gitjax.stream import StreamConfig
 
 MIX = StreamConfig(photos=2, dead_leaves=1, spectral=1)
@@ -96,7 +97,7 @@ def test_photo_crops_come_from_train_photos_only():
     assert len(held_out) == len(photos) + len(data.VALIDATION_SOURCES["patches"])
     assert min(min(p.shape[:2]) for p in photos) >= 300  # full resolution, not the 128 px grid
     # The validation photo is not among the stream's photos.
-    val = data._load_source_photo(data.VALIDATION_SOURCES["patches"][0])
+    val = embedded._load_source_photo(data.VALIDATION_SOURCES["patches"][0])
     assert not any(p.shape == val.shape and np.array_equal(p, val) for p in photos)
     # A crop's pixels are pixels of its photo at some scale: colour range stays inside the photo's.
     atlas = stream.build_atlas(photos[:1])

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gitjax.study.spec import Budget, Run, _hash, _jsonable, run_key, run_to_dict
+from gitjax.configs import jsonable
+from gitjax.study.spec import Budget, Run, _hash, run_key, run_to_dict
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
 
@@ -326,7 +327,7 @@ def _write_json(path: Path, obj: Any) -> None:
     """Atomic write (a killed run never leaves half a JSON behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
+    tmp.write_text(json.dumps(obj, indent=1, default=jsonable))
     os.replace(tmp, path)
 
 

@@ -13,19 +13,11 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-import numpy as np
 
+from gitjax.configs import freeze, jsonable
 from gitjax.types import GitjaxError
-
-
-def _freeze(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
-    if isinstance(v, Mapping):
-        return tuple(sorted((str(k), _freeze(x)) for k, x in v.items()))
-    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +28,15 @@ class Defense:
     params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "params", tuple(sorted((str(k), _freeze(v)) for k, v in dict(self.params).items())))
+        object.__setattr__(self, "params", tuple(sorted((str(k), freeze(v)) for k, v in dict(self.params).items())))
 
     @classmethod
     def of(cls, name: str, **params: Any) -> "Defense":
         return cls(name, tuple(params.items()))
+
+    def to_json(self) -> dict[str, Any]:
+        """{"name", "params": {key: value}} (the form run keys hash; see ``gitjax.configs.jsonable``)."""
+        return {"name": self.name, "params": {k: jsonable(x) for k, x in self.params}}
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -140,7 +136,7 @@ class Run:
     panel: str = _presentation("")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "victim_kwargs", _freeze(dict(self.victim_kwargs)))
+        object.__setattr__(self, "victim_kwargs", freeze(dict(self.victim_kwargs)))
 
     @property
     def column(self) -> str:
@@ -153,22 +149,8 @@ def run_to_dict(run: Run) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(run):
         if f.metadata.get("key", True):
-            out[f.name] = _jsonable(getattr(run, f.name))
+            out[f.name] = jsonable(getattr(run, f.name))
     return out
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Defense):
-        return {"name": v.name, "params": {k: _jsonable(x) for k, x in v.params}}
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (np.integer, np.floating)):
-        return v.item()
-    return v
 
 
 def _hash(obj: Any, n: int = 12) -> str:
