@@ -172,7 +172,7 @@ def forward_order(victim: Victim) -> tuple[tuple[str, ...], ...]:
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """One layer block of the victim, as the generator sees it.
+    """One layer block of the victim, as the trace sees it.
 
     Attributes:
       index: position of the block in the (forward) layout.
@@ -261,7 +261,7 @@ class VictimPlan:
         return "\n".join(lines)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ModuleCall:
     """One recorded module ``__call__``.
 
