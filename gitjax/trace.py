@@ -344,18 +344,17 @@ def _random_variables(victim: Victim) -> tuple[Params, Any]:
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def _affine(call: ModuleCall) -> tuple[str, Array] | None:
-    """("dense" | "conv", ``f(x, kernel) + bias`` with the recorded geometry) for a plain Dense/Conv call."""
+def _affine(call: ModuleCall) -> Array | None:
+    """``f(x, kernel) + bias`` with the recorded geometry for a plain Dense/Conv call, else None."""
     own = call.params
     kern = own.get("kernel") if hasattr(own, "get") else None
     if kern is None or kern.ndim not in (2, 4) or any(isinstance(v, Mapping) for v in own.values()):
         return None
     if kern.ndim == 2:
-        y = jnp.einsum("...i,io->...o", call.x, kern)
-        return "dense", y + own.get("bias", 0.0)
+        return jnp.einsum("...i,io->...o", call.x, kern) + own.get("bias", 0.0)
     strides, padding = _conv_geometry(call.module)
     y = jax.lax.conv_general_dilated(call.x, kern, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return "conv", y + own.get("bias", 0.0)
+    return y + own.get("bias", 0.0)
 
 
 def _record_calls(victim: Victim, params: Params, state: Any, x: np.ndarray
@@ -376,9 +375,9 @@ def _record_calls(victim: Victim, params: Params, state: Any, x: np.ndarray
         meta.extend(calls)
         devs = []
         for call in calls:
-            affine = _affine(call)
-            if affine is not None:
-                devs.append(jnp.max(jnp.abs(affine[1] - call.out)) / (jnp.max(jnp.abs(call.out)) + 1e-6))
+            y = _affine(call)
+            if y is not None:
+                devs.append(jnp.max(jnp.abs(y - call.out)) / (jnp.max(jnp.abs(call.out)) + 1e-6))
                 check_paths.append(call.path)
         return [c.x for c in calls], [c.out for c in calls], devs
 

@@ -14,9 +14,9 @@ sequential net ``a_{l+1} = act_l(z_l)``, ``z_l = W_l a_l + b_l`` (dense or conv,
         constraints ``dW_l = G_l(delta_l) a_l`` (linear in ``a_l``: for a conv
         ``dK = sum_positions patch(a) delta^T``), stacked and solved by least squares.
 
-The matrices are materialised with ``jax.jacfwd`` of the layer's own linear map
-(exact for any Flax Dense/Conv, strides and padding included), so this is for
-small nets. For a dense layer the ``in*out`` gradient equations ``a delta^T = dK``
+The matrices are materialised with ``jax.jacfwd`` of the layer's linear map with
+the geometry read by ``gitjax.trace`` (strides and padding included), so this is
+for small nets. For a dense layer the ``in*out`` gradient equations ``a delta^T = dK``
 are replaced by their equivalent least-squares form ``|delta| a = dK delta / |delta|``.
 
 Rank analysis (the paper's criterion for when R-GAP can work): per layer the
@@ -26,8 +26,9 @@ rows) and the numerical rank of the stacked system (singular values above
 least-squares solution is only the minimum-norm one.
 
 Limits: batch 1; sequential dense/conv nets only (no normalisation layers, no
-residual connections, no attention): the victim is traced once and every layer's
-input must be an elementwise activation of the previous layer's output.
+residual connections, no attention): the structure comes from ``gitjax.trace.trace_victim``
+and every layer's input must be an elementwise activation (of the trace's table) of
+the previous layer's output.
 """
 
 from __future__ import annotations
