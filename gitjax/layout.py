@@ -7,10 +7,9 @@ parameter dict in insertion order instead, which is the order in which the
 modules were created in the forward pass.
 
 Insertion order is lost by every JAX transformation (``tree_map``, ``jit``,
-``grad`` rebuild dicts with sorted keys), so ``Victim.init`` records the
-creation order of each parameter structure it builds with
-``register_forward_order``; ``from_params`` uses that record whenever the
-structure (paths and shapes) matches, and insertion order otherwise.
+``grad`` rebuild dicts with sorted keys), so ``from_params`` takes the forward
+order as a value: ``order=gitjax.trace.forward_order(victim)`` (read from a traced
+``init``). Without it the dicts' insertion order is used. The module keeps no state.
 
 A block is one Flax module that owns arrays directly (a Dense, Conv, norm layer),
 or one loose array owned by a parent module (ViT's ``pos_embed``/``cls``).
@@ -87,41 +86,20 @@ def _kind(leaves: Mapping[str, tuple[int, ...]]) -> str:
     return "embed"
 
 
-# Structure signature -> leaf paths in creation (forward) order; filled by Victim.init.
-_FORWARD_ORDERS: dict[tuple, tuple[tuple[str, ...], ...]] = {}
-
-
-def _leaf_paths(node: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
-    """(path, shape) of every array in a nested mapping, in insertion order."""
+def _leaf_paths(node: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Path of every array in a nested mapping, in insertion order."""
     out = []
     for k, v in node.items():
         if _is_array(v):
-            out.append((path + (k,), tuple(v.shape)))
+            out.append(path + (k,))
         elif isinstance(v, Mapping):
             out.extend(_leaf_paths(v, path + (k,)))
     return out
 
 
-def _signature(params: Params) -> tuple:
-    return tuple(sorted(_leaf_paths(params)))
-
-
-def register_forward_order(params: Params) -> None:
-    """Records the insertion order of a freshly initialised (creation-ordered) parameter dict.
-
-    Called by ``Victim.init``; later ``from_params`` calls on the same structure,
-    e.g. on params that went through ``tree_map`` or ``jit`` and so have sorted
-    keys, recover the forward order from this record.
-    """
-    _FORWARD_ORDERS[_signature(params)] = tuple(p for p, _ in _leaf_paths(params))
-
-
-def _in_forward_order(params: Params) -> Params:
-    """Rebuilds ``params`` with dict keys in the recorded forward order (unchanged if none)."""
-    if not isinstance(params, Mapping):
-        return params
-    order = _FORWARD_ORDERS.get(_signature(params))
-    if order is None:
+def _in_order(params: Params, order: Sequence[tuple[str, ...]]) -> Params:
+    """Rebuilds ``params`` with dict keys in ``order`` (unchanged if ``order`` names other leaves)."""
+    if not isinstance(params, Mapping) or sorted(_leaf_paths(params)) != sorted(map(tuple, order)):
         return params
     tree: dict[str, Any] = {}
     for path in order:
@@ -140,13 +118,16 @@ class GradientLayout:
     blocks: tuple[LayerBlock, ...]
 
     @classmethod
-    def from_params(cls, params: Params) -> "GradientLayout":
+    def from_params(cls, params: Params, order: Sequence[tuple[str, ...]] | None = None) -> "GradientLayout":
         """Builds the layout from a parameter (or abstract ``ShapeDtypeStruct``) pytree.
 
-        Forward order comes from ``register_forward_order`` (done by ``Victim.init``)
-        when the structure is known, else from the dicts' insertion order.
+        Args:
+          params: the victim's parameters (or their shapes); values are not read.
+          order: leaf paths in forward order (``gitjax.trace.forward_order(victim)``); when
+            None, or naming other leaves than ``params`` has, the dicts' insertion order.
         """
-        params = _in_forward_order(params)
+        if order is not None:
+            params = _in_order(params, order)
         blocks: list[LayerBlock] = []
         offset = 0
 
@@ -182,6 +163,10 @@ class GradientLayout:
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def leaf_paths(self) -> tuple[tuple[str, ...], ...]:
+        """Paths of the parameter leaves block by block (the ``order`` that rebuilds this layout)."""
+        return tuple(b.path if b.kind == "embed" else b.path + (n,) for b in self.blocks for n, _ in b.leaves)
 
     def groups(self) -> dict[str, list[int]]:
         """Coarse group name -> indices of its blocks, in forward order."""

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gitjax.layout import GradientLayout
+from gitjax.trace import forward_order
 from gitjax.types import Array, GitjaxError, Grads, GradientMismatchError, ModelState, NonFiniteGradientError, Params
 from gitjax.victims import Victim
 
@@ -58,7 +59,7 @@ class Prior:
 
     @property
     def layout(self) -> GradientLayout:
-        return GradientLayout.from_params(self.victim_params)
+        return GradientLayout.from_params(self.victim_params, order=forward_order(self.victim))
 
 
 def attack(prior: Prior, grads: Grads) -> Array:

@@ -27,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gitjax.layout import register_forward_order
 from gitjax.types import Array, InputShapeError, ModelState, Params, PRNGKey
 
 
@@ -203,8 +202,6 @@ class Victim:
         variables = self.module.init(key, jnp.zeros((1, *self.input_shape), jnp.float32))
         variables = dict(variables)
         params = variables.pop("params")
-        # Record the creation (forward) order now: any later tree_map/jit sorts dict keys.
-        register_forward_order(params)
         return params, variables
 
     def normalize(self, x_BxHxWxC: Array) -> Array:

@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 
 from gitjax.generators import GeneratorConfig
-from gitjax.generators.common import (
-    LayerPlan,
-    LinearOps,
-    cg_refine,
-    low_rank_noise_var,
-    noise_to_signal,
-    ridge_invert,
-)
+from gitjax.generators.linalg import LinearOps, cg_refine, low_rank_noise_var, noise_to_signal, ridge_invert
 from gitjax.layout import LayerBlock
+from gitjax.trace import LayerPlan
 
 
 def test_low_rank_noise_estimate():

@@ -15,19 +15,12 @@ import numpy as np
 import pytest
 
 from gitjax.generators import GENERATORS, GeneratorConfig, build_generator
-from gitjax.generators.common import (
-    LinearOps,
-    build_plan,
-    cg_refine,
-    extract_patches,
-    forward_layout,
-    probe_rows,
-    project_sum,
-    ridge_invert,
-)
+from gitjax.generators.features import probe_rows
+from gitjax.generators.linalg import LinearOps, cg_refine, extract_patches, project_sum, ridge_invert
 from gitjax.generators.lti import kronecker_sketch
 from gitjax.layout import GradientLayout
 from gitjax.leakage import batch_grad
+from gitjax.trace import LayerPlan, build_plan, forward_layout, forward_order
 from gitjax.types import GitjaxError, GradientMismatchError
 from gitjax.victims import make_victim
 
@@ -91,7 +84,8 @@ def test_forward_layout_is_the_victims_forward_order():
     params = jax.eval_shape(victim.init, jax.random.PRNGKey(0))[0]
     layout = forward_layout(victim)  # from a traced init: independent of the dict order of any params
     assert layout.blocks[0].name == "stem" and layout.blocks[-1].name == "head"
-    assert layout == GradientLayout.from_params(params)
+    assert layout == GradientLayout.from_params(params, order=forward_order(victim))
+    assert GradientLayout.from_params(params).blocks[0].name == "head"  # eval_shape sorted the keys
 
 
 # ----------------------------------------------------------------------------- backward-pass algebra
@@ -105,7 +99,6 @@ def test_dense_ratio_and_batch_pseudo_inverse_are_exact():
     # B = 1: a = dK db / |db|^2 exactly.
     np.testing.assert_allclose(probe_rows(a_BxI[:1].T @ d_BxO[:1], d_BxO[0]), a_BxI[0], rtol=1e-5, atol=1e-5)
     # B = 3 with the per-image errors known: a = B dK D^T (D D^T)^{-1} recovers every input (rank argument).
-    from gitjax.generators.common import LayerPlan
     from gitjax.layout import LayerBlock
 
     lp = LayerPlan(0, LayerBlock(("d",), "dense", (("kernel", (20, 7)),), 0), "dense", None, (20,), (7,))
@@ -119,7 +112,6 @@ def test_dense_ratio_and_batch_pseudo_inverse_are_exact():
 
 def test_patch_conv_matches_lax_conv_and_cg_recovers_a_conv_input():
     rng = np.random.default_rng(0)
-    from gitjax.generators.common import LayerPlan
     from gitjax.layout import LayerBlock
 
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gitjax.layout import GradientLayout, check_finite, validate_gradient
+from gitjax.trace import forward_order
 from gitjax.types import GradientMismatchError, NonFiniteGradientError
 from gitjax.victims import make_victim
 
@@ -25,7 +26,8 @@ def _params(name):
 
 @functools.lru_cache(maxsize=None)
 def _layout(name):
-    return GradientLayout.from_params(_params(name))
+    # _params has sorted keys (it went through tree_map): the forward order comes from the victim.
+    return GradientLayout.from_params(_params(name), order=forward_order(make_victim(name)))
 
 
 def _assert_trees_equal(a, b):
@@ -94,12 +96,33 @@ def test_blocks_in_forward_order():
 
 
 def test_forward_order_survives_jax_transformations():
-    # tree_map / jit / grad rebuild dicts with sorted keys; the layout must not change.
+    # tree_map / jit / grad rebuild dicts with sorted keys; with the victim's order the layout does not change.
     params = _params("resnet8")
+    order = forward_order(make_victim("resnet8"))
     for transformed in (jax.tree_util.tree_map(lambda a: a, params), jax.jit(lambda p: p)(params),
                         jax.eval_shape(make_victim("resnet8").init, jax.random.key(3))[0]):
         assert list(transformed)[0] == "head"  # keys really are sorted now
-        assert GradientLayout.from_params(transformed) == _layout("resnet8")
+        assert GradientLayout.from_params(transformed, order=order) == _layout("resnet8")
+
+
+def test_layout_keeps_no_state_between_calls():
+    # Without an order the layout follows the dict it is given, whatever was initialised before
+    # (a module-level record filled by Victim.init used to change this answer).
+    victim = make_victim("resnet8", input_shape=(8, 8, 3))
+    sorted_params = jax.eval_shape(victim.module.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    before = GradientLayout.from_params(sorted_params)
+    jax.eval_shape(victim.init, jax.random.key(0))
+    assert GradientLayout.from_params(sorted_params) == before
+    assert [b.name for b in before.blocks][:2] == ["head", "stage0_block0/conv1"]  # the dict's (sorted) order
+    # The order is a value: a layout rebuilt from its own leaf paths is the same layout.
+    res = _layout("resnet18")
+    assert GradientLayout.from_params(_params("resnet18"), order=res.leaf_paths()) == res
+    # An order naming other leaves is ignored (the gradient check then names the difference).
+    assert GradientLayout.from_params(sorted_params, order=res.leaf_paths()) == before
+    import gitjax.layout as layout_module
+    mutable = [k for k, v in vars(layout_module).items()
+               if not k.startswith("__") and isinstance(v, (dict, list, set))]
+    assert mutable == [], mutable
 
 
 def test_groups_give_resnet_stages():

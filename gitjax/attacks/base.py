@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gitjax.layout import GradientLayout, validate_gradient
+from gitjax.trace import forward_order
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
 
@@ -44,7 +45,7 @@ class AttackProblem:
 
     def validate(self) -> GradientLayout:
         """Checks the gradient against the victim (structure, shapes, finiteness); returns the layout."""
-        layout = GradientLayout.from_params(self.params)
+        layout = GradientLayout.from_params(self.params, order=forward_order(self.victim))
         validate_gradient(layout, self.grads)
         if self.batch_size < 1:
             raise GitjaxError(f"batch_size must be >= 1, got {self.batch_size}")

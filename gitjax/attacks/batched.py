@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gitjax.attacks.ig import IGConfig
 from gitjax.attacks.iterative import labels_or_recovered, start_step_size
 from gitjax.layout import GradientLayout, check_finite
+from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
 from gitjax.losses import cosine_distance, layer_weights, prior_penalty, total_variation
 from gitjax.refine import ig_optimizer, init_images, refine
@@ -85,7 +86,7 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     if labels_NxB is None:
         labels_NxB = jax.vmap(lambda g, k: labels_or_recovered(victim, params, state, g, None, b, k))(grads_N, k_lab_N)
     y_NxBxK = as_probs(labels_NxB, victim.num_classes)
-    weights = layer_weights(GradientLayout.from_params(params), config.layer_weights)
+    weights = layer_weights(GradientLayout.from_params(params, order=forward_order(victim)), config.layer_weights)
 
     def rep(a):  # (N, ...) -> (N*R, ...), problem-major so a device's block holds whole problems
         return jnp.repeat(a, r, axis=0)
@@ -204,7 +205,7 @@ def batched_attack(method: str, victim: Victim, params: Params, state: ModelStat
       x_NxBxHxWxC and the reconstruct function's info arrays with a leading N axis.
     """
     _reconstruct_fn(method)  # a clear error for a method without a pure core
-    layout = GradientLayout.from_params(params)
+    layout = GradientLayout.from_params(params, order=forward_order(victim))
     layout.check(grads_N)
     check_finite(grads_N)
     g_leaf, p_leaf = jax.tree_util.tree_leaves(grads_N)[0], jax.tree_util.tree_leaves(params)[0]

@@ -33,6 +33,7 @@ from gitjax.attacks.ig import IGConfig, ig_reconstruct
 from gitjax.attacks.iterative import run_iterative
 from gitjax.losses import ExtraLoss
 from gitjax.refine import select_best
+from gitjax.trace import record_calls
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
 
@@ -57,29 +58,19 @@ def bn_statistics(victim: Victim, params: Params, state: ModelState, x_BxHxWxC: 
     The reference statistics are the running ones in ``state``, or those in ``targets``
     (a state of the same structure) when given.
     """
-    found: list[BNStats] = []
-    ref = None if targets is None else targets["batch_stats"]
-
-    def capture(next_fun, args, kwargs, ctx):
-        if isinstance(ctx.module, nn.BatchNorm) and ctx.method_name == "__call__":
-            h = args[0]
-            axes = tuple(range(h.ndim - 1))  # all but the feature axis, as nn.BatchNorm's default
-            mean = jnp.mean(h, axis=axes)
-            var = jnp.mean(jnp.square(h), axis=axes) - jnp.square(mean)  # biased, as Flax computes it
-            path = tuple(ctx.module.path)
-            if ref is None:
-                ra = ctx.module.get_variable("batch_stats", "mean")
-                rv = ctx.module.get_variable("batch_stats", "var")
-            else:
-                node = ref
-                for k in path:
-                    node = node[k]
-                ra, rv = node["mean"], node["var"]
-            found.append(BNStats(path, mean, var, ra, rv))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(capture):
-        victim.apply(params, state, x_BxHxWxC, train=train)
+    ref = (state or {}).get("batch_stats") if targets is None else targets["batch_stats"]
+    _, calls = record_calls(lambda: victim.apply(params, state, x_BxHxWxC, train=train),
+                            select=lambda m: isinstance(m, nn.BatchNorm))
+    found = []
+    for call in calls:
+        h = call.x
+        axes = tuple(range(h.ndim - 1))  # all but the feature axis, as nn.BatchNorm's default
+        mean = jnp.mean(h, axis=axes)
+        var = jnp.mean(jnp.square(h), axis=axes) - jnp.square(mean)  # biased, as Flax computes it
+        node = ref
+        for k in call.path:
+            node = node[k]
+        found.append(BNStats(call.path, mean, var, node["mean"], node["var"]))
     return found
 
 

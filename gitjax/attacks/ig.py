@@ -25,6 +25,7 @@ import jax
 from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.iterative import match_reconstruct, run_iterative
 from gitjax.layout import GradientLayout
+from gitjax.trace import forward_order
 from gitjax.losses import LAYER_WEIGHTS, ExtraLoss, cosine_distance, layer_weights
 from gitjax.refine import INITS
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
@@ -92,7 +93,7 @@ def ig_reconstruct(victim: Victim, params: Params, state: ModelState, target_gra
       x_BxHxWxC in [0, 1] and info arrays: grad_distance (cosine, scalar), labels (B,),
       loss (T,), psnr (T // record_every,), restart_grad_distance (restarts,), restart_index.
     """
-    weights = layer_weights(GradientLayout.from_params(params), config.layer_weights)
+    weights = layer_weights(GradientLayout.from_params(params, order=forward_order(victim)), config.layer_weights)
     match = functools.partial(cosine_distance, weights=weights)
     return match_reconstruct(victim, params, state, target_grads, labels, key, config, match, x_init=x_init,
                              x_prior=x_prior, extra_loss=extra_loss, x_true=x_true, batch_size=batch_size)

@@ -24,6 +24,7 @@ import numpy as np
 from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.labels import estimate_mean_probs, recover_labels
 from gitjax.layout import GradientLayout
+from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
 from gitjax.losses import ExtraLoss, image_regularisers
 from gitjax.metrics import batch_psnr
@@ -47,7 +48,7 @@ def labels_or_recovered(victim: Victim, params: Params, state: ModelState, targe
     """The given labels, else the ones read off the head gradient (iDLG for B = 1, counting otherwise)."""
     if labels is not None:
         return labels
-    layout = GradientLayout.from_params(params)
+    layout = GradientLayout.from_params(params, order=forward_order(victim))
     return recover_labels(target_grads, layout, batch_size, estimate_mean_probs(victim, params, state, key))
 
 

@@ -14,9 +14,9 @@ sequential net ``a_{l+1} = act_l(z_l)``, ``z_l = W_l a_l + b_l`` (dense or conv,
         constraints ``dW_l = G_l(delta_l) a_l`` (linear in ``a_l``: for a conv
         ``dK = sum_positions patch(a) delta^T``), stacked and solved by least squares.
 
-The matrices are materialised with ``jax.jacfwd`` of the layer's own linear map
-(exact for any Flax Dense/Conv, strides and padding included), so this is for
-small nets. For a dense layer the ``in*out`` gradient equations ``a delta^T = dK``
+The matrices are materialised with ``jax.jacfwd`` of the layer's linear map with
+the geometry read by ``gitjax.trace`` (strides and padding included), so this is
+for small nets. For a dense layer the ``in*out`` gradient equations ``a delta^T = dK``
 are replaced by their equivalent least-squares form ``|delta| a = dK delta / |delta|``.
 
 Rank analysis (the paper's criterion for when R-GAP can work): per layer the
@@ -26,8 +26,9 @@ rows) and the numerical rank of the stacked system (singular values above
 least-squares solution is only the minimum-norm one.
 
 Limits: batch 1; sequential dense/conv nets only (no normalisation layers, no
-residual connections, no attention): the victim is traced once and every layer's
-input must be an elementwise activation of the previous layer's output.
+residual connections, no attention): the structure comes from ``gitjax.trace.trace_victim``
+and every layer's input must be an elementwise activation (of the trace's table) of
+the previous layer's output.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np
 import scipy.linalg
 
 from gitjax.attacks.base import AttackProblem, AttackResult
+from gitjax.trace import LayerPlan, act_inverse, trace_victim
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params
 from gitjax.victims import Victim
 
@@ -88,62 +90,41 @@ def make_rgap_victim(input_shape: tuple[int, int, int] = (16, 16, 3), channels: 
 # ----------------------------------------------------------------------------- tracing the victim
 
 
-def _inv_identity(a):
-    return a, jnp.ones_like(a), jnp.ones(a.shape, bool)
-
-
-def _inv_sigmoid(a):
-    a = jnp.clip(a, 1e-6, 1.0 - 1e-6)
-    return jnp.log(a) - jnp.log1p(-a), a * (1.0 - a), jnp.ones(a.shape, bool)
-
-
-def _inv_tanh(a):
-    a = jnp.clip(a, -1.0 + 1e-6, 1.0 - 1e-6)
-    return jnp.arctanh(a), 1.0 - a**2, jnp.ones(a.shape, bool)
-
-
-def _inv_relu(a):
-    on = a > 1e-6 * jnp.max(jnp.abs(a))  # zero outputs only bound z <= 0: no equation
-    return jnp.where(on, a, 0.0), on.astype(a.dtype), on
-
-
-def _inv_leaky_relu(a):
-    return jnp.where(a >= 0, a, a / 0.01), jnp.where(a >= 0, 1.0, 0.01), jnp.ones(a.shape, bool)
-
-
-# name -> (forward, inverse returning (z, act'(z), mask of units with an equation))
-ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
-    "identity": (lambda z: z, _inv_identity),
-    "sigmoid": (jax.nn.sigmoid, _inv_sigmoid),
-    "tanh": (jnp.tanh, _inv_tanh),
-    "relu": (jax.nn.relu, _inv_relu),
-    "leaky_relu": (lambda z: jax.nn.leaky_relu(z, 0.01), _inv_leaky_relu),
-}
+# The table's activations R-GAP inverts: bijective ones, and ReLU (only its active units give an equation).
+RGAP_ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
+_RELU_DEAD_ZONE = 1e-6  # ReLU outputs below this fraction of the largest one count as zero
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """One affine layer of a traced sequential victim.
 
-    module: an unbound clone of the Flax Dense/Conv (applied with explicit params).
-    path: its path in the params dict. in_shape/out_shape: (1, ...) as the module sees them.
-    activation: name of the activation between this layer's output and the next layer's input.
+    plan: the traced layer (path, op, conv geometry, per-example shapes).
+    in_shape/out_shape: (1, ...) as the layer sees one example.
+    activation: name (in ``gitjax.trace.ACTIVATIONS``) of the op between this layer's output and the
+      next layer's input; "identity" for the head.
     """
 
-    path: tuple[str, ...]
-    module: nn.Module
+    plan: LayerPlan
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     activation: str
-    has_bias: bool
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return self.plan.block.path
 
     @property
     def name(self) -> str:
-        return "/".join(self.path)
+        return self.plan.name
+
+    @property
+    def has_bias(self) -> bool:
+        return self.plan.has_bias
 
     @property
     def is_dense(self) -> bool:
-        return isinstance(self.module, nn.Dense)
+        return self.plan.op == "dense"
 
 
 def _get(tree, path):
@@ -153,52 +134,40 @@ def _get(tree, path):
 
 
 def trace_sequential(victim: Victim, params: Params, state: ModelState) -> tuple[Layer, ...]:
-    """Traces the victim once and returns its affine layers in order, with the activations between them.
+    """The victim's affine layers in order, with the activations between them (from ``trace_victim``).
 
     Raises GitjaxError unless the victim is a chain of Dense/Conv layers joined by
     elementwise activations R-GAP can invert, ending in a dense head with bias.
     """
+    del state  # the wiring does not depend on values
     groups = params.items() if isinstance(params, Mapping) else []
     bad = [k for k, v in groups if not (isinstance(v, Mapping) and "kernel" in v)]
     if bad or not groups:
         raise GitjaxError(
             f"R-GAP needs a sequential dense/conv victim without normalisation, embeddings or nested blocks; "
             f"victim {victim.name!r} has parameter groups {bad[:4]} that are not plain dense/conv layers")
-    calls: list[tuple[tuple[str, ...], nn.Module, Array, Array]] = []
-
-    def record(next_fun, args, kwargs, ctx):
-        out = next_fun(*args, **kwargs)
-        if isinstance(ctx.module, (nn.Dense, nn.Conv)) and ctx.method_name == "__call__":
-            calls.append((tuple(ctx.module.path), ctx.module.clone(parent=None), args[0], out))
-        return out
-
-    x = jax.random.uniform(jax.random.key(0), (1, *victim.input_shape))
-    with nn.intercept_methods(record):
-        logits = victim.apply(params, state, x)
-    if not calls:
+    plan = trace_victim(victim)
+    lps = [lp for lp in plan.layers if lp.op in ("dense", "conv")]
+    if not lps:
         raise GitjaxError(f"victim {victim.name!r} has no Dense/Conv layers for R-GAP to invert")
-
-    def close(u, v):
-        return u.size == v.size and bool(jnp.allclose(u.reshape(v.shape), v, rtol=1e-5, atol=1e-5))
-
-    if not close(calls[0][2], victim.normalize(x)):
-        raise GitjaxError(f"R-GAP: the first layer {calls[0][0]} of {victim.name!r} does not read the image directly")
+    if plan.first != lps[0].index or plan.image_perm != tuple(range(math.prod(plan.image_shape))):
+        raise GitjaxError(f"R-GAP: the first layer {lps[0].block.path} of {victim.name!r} does not read the "
+                          "image directly")
     layers = []
-    for i, (path, mod, inp, out) in enumerate(calls):
-        if i + 1 < len(calls):
-            nxt = calls[i + 1][2]
-            act = next((n for n, (f, _) in ACTIVATIONS.items() if close(f(out), nxt)), None)
-            if act is None:
+    for k, lp in enumerate(lps):
+        if k + 1 < len(lps):
+            act = lp.post
+            if act not in RGAP_ACTIVATIONS:
                 raise GitjaxError(
-                    f"R-GAP needs a sequential net: the input of layer {'/'.join(calls[i + 1][0])!r} is not an "
-                    f"invertible elementwise activation ({', '.join(ACTIVATIONS)}) of layer {'/'.join(path)!r}'s "
+                    f"R-GAP needs a sequential net: the input of layer {lps[k + 1].name!r} is not an "
+                    f"invertible elementwise activation ({', '.join(RGAP_ACTIVATIONS)}) of layer {lp.name!r}'s "
                     f"output (residual connection, pooling or normalisation?)")
         else:
             act = "identity"
-            if not (isinstance(mod, nn.Dense) and close(out, logits)):
-                raise GitjaxError(f"R-GAP needs a dense head producing the logits; {victim.name!r} ends with {path}")
-        has_bias = "bias" in _get(params, path)
-        layers.append(Layer(path, mod, tuple(inp.shape), tuple(out.shape), act, has_bias))
+            if not (lp.op == "dense" and lp.post == "top" and plan.head_is_output):
+                raise GitjaxError(f"R-GAP needs a dense head producing the logits; {victim.name!r} ends with "
+                                  f"{lp.block.path}")
+        layers.append(Layer(lp, (1, *lp.in_shape), (1, *lp.out_shape), act))
     if not layers[-1].has_bias:
         raise GitjaxError("R-GAP reads the head's delta from its bias gradient; the head has no bias")
     return tuple(layers)
@@ -218,11 +187,11 @@ class RGAPConfig:
 
 
 def _linear(layer: Layer, kernel: Array, a: Array) -> Array:
-    """The layer's linear map (bias zero) at input a of shape layer.in_shape."""
-    p = {"kernel": kernel}
-    if layer.has_bias:
-        p["bias"] = jnp.zeros(layer.out_shape[-1:], kernel.dtype)
-    return layer.module.apply({"params": p}, a)
+    """The layer's linear map (no bias) at input a of shape layer.in_shape, with the traced geometry."""
+    if layer.is_dense:
+        return jax.lax.dot_general(a, kernel, (((a.ndim - 1,), (0,)), ((), ())))
+    return jax.lax.conv_general_dilated(a, kernel, layer.plan.strides, layer.plan.padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @functools.partial(jax.jit, static_argnames=("layer",))
@@ -238,7 +207,8 @@ def layer_system(layer: Layer, kernel: Array, bias: Array | None, dk: Array, a_n
     gradient (out_shape); forward_rows: forward equations used).
     """
     n = math.prod(layer.in_shape)
-    z, dact, mask = ACTIVATIONS[layer.activation][1](a_next.reshape(layer.out_shape))
+    z, dact, weight = act_inverse(layer.activation, a_next.reshape(layer.out_shape), _RELU_DEAD_ZONE)
+    mask = weight > 0  # units whose output gives a forward equation
     delta = dact * back_next.reshape(layer.out_shape)
     lin = lambda a_n: _linear(layer, kernel, a_n.reshape(layer.in_shape)).reshape(-1)
     m_OxN = jax.jacfwd(lin)(jnp.zeros((n,), kernel.dtype))

@@ -18,27 +18,22 @@ kinds that do not read them (Coarse-GIT, LTI, Exact-GIT with use_victim_params=F
 * "lti": Learning to Invert (Wu et al. 2023, ``lti.LTI``), an MLP on the flat gradient.
 
 Every generator is built from the victim's gradient layout and traced wiring
-(``common.build_plan``), so all victims of the zoo work without per-model code.
+(``gitjax.trace.trace_victim``), so all victims of the zoo work without per-model code.
+Modules: ``config`` (GeneratorConfig), ``linalg`` (backward-pass algebra), ``features``
+(Coarse-GIT's gradient features), ``io`` (input checks, map back to pixels), one per kind.
 Derivations: docs/theory.md.
 """
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 
 from gitjax.generators.coarse import CoarseGIT
-from gitjax.generators.common import (
-    GENERATORS,
-    GeneratorConfig,
-    VictimPlan,
-    build_plan,
-    check_victim_params,
-    forward_layout,
-)
+from gitjax.generators.config import GENERATORS, GeneratorConfig
 from gitjax.generators.exact import ExactGIT
+from gitjax.generators.io import check_victim_params
 from gitjax.generators.lti import LTI
+from gitjax.trace import trace_victim
 from gitjax.types import Params
 from gitjax.victims import Victim
 
@@ -46,19 +41,10 @@ __all__ = [
     "GENERATORS",
     "GeneratorConfig",
     "build_generator",
-    "build_plan",
-    "forward_layout",
     "ExactGIT",
     "CoarseGIT",
     "LTI",
-    "VictimPlan",
 ]
-
-
-@functools.lru_cache(maxsize=32)
-def _plan(victim: Victim) -> VictimPlan:
-    """The victim's plan; cached because tracing the victim takes a compile (victims hash by value)."""
-    return build_plan(victim, forward_layout(victim))
 
 
 def build_generator(config: GeneratorConfig, victim: Victim, victim_params: Params) -> nn.Module:
@@ -74,7 +60,7 @@ def build_generator(config: GeneratorConfig, victim: Victim, victim_params: Para
     Returns:
       A Flax module with ``apply({"params": p}, grads_N, victim_params) -> (N, B, H, W, C)``.
     """
-    plan = _plan(victim)
+    plan = trace_victim(victim)
     if victim_params is not None:
         check_victim_params(plan.layout, victim_params)
     if config.kind == "exact":

@@ -37,17 +37,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gitjax.generators.common import (
-    TINY,
-    GeneratorConfig,
-    Sketch,
-    VictimPlan,
-    bias_probe,
-    check_grads_n,
-    probe_rows,
-    rms,
-    to_image,
-)
+from gitjax.generators.config import GeneratorConfig
+from gitjax.generators.features import Sketch, bias_probe, probe_rows, rms
+from gitjax.generators.io import check_grads_n, to_image
+from gitjax.generators.linalg import TINY
+from gitjax.trace import VictimPlan
 from gitjax.types import Array, Grads, Params
 
 

@@ -5,7 +5,7 @@ that recovers each layer's input from that layer's weight gradient, its bias
 gradient and the error recovered at the layer above, running from the logits
 down to the image; "Exact-GIT" keeps that recursion (pseudo-inverses and
 elementwise ops) and learns only what the attacker does not know. This module
-builds it generically from the victim's plan (``common.build_plan``): one
+builds it generically from the victim's plan (``gitjax.trace.trace_victim``): one
 generator block per victim layer block, visited from the last layer to the first.
 
 The carried state is a triple at a point of the victim's forward graph, with a
@@ -48,28 +48,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gitjax.generators.common import (
+from gitjax.generators.config import GeneratorConfig
+from gitjax.generators.features import rms
+from gitjax.generators.io import block_value, check_grads_n, check_victim_params, ste_clip01, to_image
+from gitjax.generators.linalg import (
     TINY,
-    GeneratorConfig,
-    LayerPlan,
-    UnitPlan,
-    VictimPlan,
-    _ACT_FNS,
-    act_inverse,
-    block_value,
-    cg_refine,
-    check_grads_n,
-    check_victim_params,
     LinearOps,
+    cg_refine,
     conv_coverage,
-    project_sum,
     low_rank_noise_var,
     noise_to_signal,
+    project_sum,
     ridge_invert,
-    rms,
-    ste_clip01,
-    to_image,
 )
+from gitjax.trace import ACTIVATIONS, LayerPlan, UnitPlan, VictimPlan, act_inverse
 from gitjax.types import Array, GitjaxError, Grads, Params
 
 State = tuple[Array, Array, Array]  # (a, e, m), each (B, *shape)
@@ -100,7 +92,7 @@ class ExactGIT(nn.Module):
 
     Attributes:
       config: generator hyper-parameters (``kind == "exact"``).
-      plan: the victim's plan (``common.build_plan``).
+      plan: the victim's plan (``gitjax.trace.trace_victim``).
     """
 
     config: GeneratorConfig
@@ -144,7 +136,7 @@ class _ExactCore(nn.Module):
         n_out = math.prod(out_shape)
         if post in ("top", "embed"):
             return a, e, m
-        if post in _ACT_FNS and a[0].size == n_out:
+        if post in ACTIVATIONS and a[0].size == n_out:
             z, dz, mz = act_inverse(post, a)
             shape = (b, *out_shape)
             return z.reshape(shape), (e * dz).reshape(shape), (m * mz).reshape(shape)

@@ -37,7 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gitjax.generators.common import GeneratorConfig, VictimPlan, check_grads_n, fixed_gaussian
+from gitjax.generators.config import GeneratorConfig
+from gitjax.generators.features import fixed_gaussian
+from gitjax.generators.io import check_grads_n
+from gitjax.trace import VictimPlan
 from gitjax.types import Array, Grads, Params
 
 # lti_compress_dim at least this large: every gradient enters the MLP whole (no projection).
