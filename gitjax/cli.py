@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs benchmarks/NAME.py from a source checkout and passes the flags after "
                                    "NAME on to it (PYTHONPATH=. python benchmarks/NAME.py --help lists them).")
     s.add_argument("name", help="per_example_grads, prior_step, generator_step, attack_throughput, "
-                   "train_throughput or device_suite (docs/benchmarks.md)")
+                   "train_throughput, matching or device_suite (docs/benchmarks.md)")
     s.set_defaults(fn=cmd_bench, passthrough=True)
     return p
 
