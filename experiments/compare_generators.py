@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tv-weight", type=float, default=0.0, help="total-variation weight of the training loss")
+    p.add_argument("--exact-cg-iters", type=int, default=None,
+                   help="Exact-GIT's CG steps per underdetermined layer (default GeneratorConfig's 64; "
+                        "LeNet presets use 256)")
     p.add_argument("--out", default="outputs/compare_generators")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, grids = [], {}
     for victim in args.victims:
         for kind in args.kinds:
-            config = TrainConfig(victim=victim, dataset="patches", generator=GeneratorConfig(kind=kind, batch_size=1),
+            gen_kw = {"exact_cg_iters": args.exact_cg_iters} if kind == "exact" and args.exact_cg_iters else {}
+            config = TrainConfig(victim=victim, dataset="patches",
+                                 generator=GeneratorConfig(kind=kind, batch_size=1, **gen_kw),
                                  victim_batch=1, global_batch=args.global_batch, steps=args.steps,
                                  tv_weight=args.tv_weight,
                                  warmup=min(100, args.steps // 10), seed=args.seed,

@@ -346,9 +346,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def validate_demo(args: argparse.Namespace) -> None:
+    from gitjax.demo import check_prior_choice, default_generator
+
     validate.victim_name(args.victim)
     for flag in ("prior_steps", "ig_steps", "num_images"):
         validate.positive_int(getattr(args, flag), flag.replace("_", "-"))
+    check_prior_choice(args.prior, args.victim, args.generator or default_generator(args.victim))
     validate.output_dir(args.out, "--out")
 
 
@@ -356,7 +359,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gitjax.demo import run_demo
 
     run_demo(args.out, victim=args.victim, prior_steps=args.prior_steps, ig_steps=args.ig_steps,
-             num_images=args.num_images, seed=args.seed, generator=args.generator, progress=not args.quiet)
+             num_images=args.num_images, seed=args.seed, generator=args.generator, progress=not args.quiet,
+             prior=args.prior)
     return 0
 
 
@@ -418,15 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_datasets)
 
     s = sub.add_parser("demo", help="offline end-to-end demo on the embedded dataset",
-                       description="Trains a small GIT prior on the embedded patches, attacks held-out test "
-                                   "images with GIT, IG and GIT+IG, and writes reconstruction.png, "
-                                   "metrics.json and a table with oracle rows to --out.")
+                       description="Loads the GIT prior shipped for the victim (LeNet, Exact-GIT) or trains a "
+                                   "small one on the embedded patches, attacks held-out test images with GIT, "
+                                   "IG and GIT+IG, and writes reconstruction.png, metrics.json and a table with "
+                                   "oracle rows to --out.")
     s.add_argument("--out", default="outputs/demo", help="output folder (created; default outputs/demo)")
     s.add_argument("--victim", default="lenet", help="victim model (see gitjax models; default lenet)")
-    s.add_argument("--generator", default="coarse", choices=("exact", "coarse", "lti"),
-                   help="generator kind (default coarse: trains in ~1 min on a 2-core CPU; exact is slower "
-                        "per step, closed-form inversions inside, and recovers more structure)")
-    s.add_argument("--prior-steps", type=int, default=400, help="prior training steps (>= 1; default 400)")
+    s.add_argument("--generator", default=None, choices=("exact", "coarse", "lti"),
+                   help="generator kind (default exact where a prior is shipped for the victim, i.e. lenet, "
+                        "else coarse: trains in ~1 min on a 2-core CPU)")
+    s.add_argument("--prior", default="auto", choices=("auto", "shipped", "train"),
+                   help="auto: the shipped prior if there is one for victim and generator, else train; "
+                        "shipped: only the shipped one; train: --prior-steps steps now (default auto)")
+    s.add_argument("--prior-steps", type=int, default=400,
+                   help="prior training steps when training (>= 1; default 400)")
     s.add_argument("--ig-steps", type=int, default=200, help="IG iterations (>= 1; default 200)")
     s.add_argument("--num-images", type=int, default=8, help="held-out images attacked (>= 1; default 8)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

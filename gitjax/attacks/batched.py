@@ -143,7 +143,14 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
             "start_lr": lr_NxR[:, -1]}
     if metric is not None and config.record_every:
         info["psnr"] = pick(jnp.moveaxis(trace.metric_R, 0, 1))  # (T/r, M) -> (N, T/r)
-    return pick(x_M), info
+    x_N = pick(x_M)
+    if x_init_N is not None and config.start_resolved > 0:  # as in ``match_reconstruct``: keep a resolved start
+        d_start_N = distances(rep(x_init_N)).reshape(n, r)[:, 0]
+        keep_N = d_start_N <= config.start_resolved
+        x_N = jnp.where(keep_N.reshape(n, *(1,) * len(shape)), x_init_N, x_N)
+        info.update(grad_distance=jnp.where(keep_N, d_start_N, info["grad_distance"]),
+                    restart_index=jnp.where(keep_N, r - 1, i_N))
+    return x_N, info
 
 
 

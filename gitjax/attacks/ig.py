@@ -50,6 +50,11 @@ class IGConfig:
       record_every: record PSNR vs the truth every this many steps when ``x_true`` is given.
       start_lr: step of the run from ``x_init``: > 0 fixed, 0 scaled to the start's gradient
         distance (``gitjax.attacks.iterative.start_step_size``).
+      start_resolved: an ``x_init`` whose cosine gradient distance is at most this is kept
+        as it is (float32 resolution: near-exact starts measure +-1e-7; 0 turns it off).
+        Measured on 16 LeNet patches of the train split with the shipped Exact-GIT prior
+        (starts at 43-65 dB): without it the best-by-distance pick lost up to 15 dB on some
+        images; with it GIT+IG equals GIT one-shot there.
     """
 
     steps: int = 1000
@@ -63,6 +68,7 @@ class IGConfig:
     prior_weight: float = 0.0
     record_every: int = 10
     start_lr: float = 0.0
+    start_resolved: float = 1e-6
 
     def __post_init__(self):
         if self.init not in INITS:

@@ -234,7 +234,7 @@ def cg_refine(ops: LinearOps, kernel: Array, bias: Array | None, dk_sum: Array, 
     # Solve for the correction from a_init (zero initial guess), so that the transposed solve
     # of the implicit gradient starts from zero too.
     res = rhs - normal_op(a_init)
-    grad_iters = iters if not grad_iters else grad_iters
+    grad_iters = iters if not grad_iters else min(grad_iters, iters)  # never more than the forward solve
     dx = jax.lax.custom_linear_solve(normal_op, res, lambda mv, b: _pcg(mv, b, precond, iters),
                                      transpose_solve=lambda mv, b: _pcg(mv, b, precond, grad_iters),
                                      symmetric=True)
