@@ -14,7 +14,6 @@ Prints one JSON line per K: PSNR, SSIM, seconds (compilation included) and the o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -22,7 +21,6 @@ import jax
 import numpy as np
 
 from gitjax.data import load_dataset
-from gitjax.generators import build_generator
 from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
 from gitjax.prior import load_prior
 
@@ -44,10 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     x_Nx1, y_Nx1 = ds.images[idx][:, None], np.asarray(ds.labels[idx], np.int32)[:, None]
     rows = []
     for k in args.iters:
-        gen_cfg = dataclasses.replace(prior.config.generator, exact_cg_iters=k)
-        p = prior.replace(config=dataclasses.replace(prior.config, generator=gen_cfg),
-                          generator=build_generator(gen_cfg, vic, prior.victim_params))
-        att = attacker_from_prior(p)
+        att = attacker_from_prior(prior.with_generator_config(exact_cg_iters=k))
         grads_N = leak(vic, att.params, att.state, x_Nx1, y_Nx1, jax.random.key(args.seed))
         t0 = time.perf_counter()
         rec = reconstruct("git", att, grads_N, jax.random.key(0), batch_size=1)

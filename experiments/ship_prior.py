@@ -17,13 +17,11 @@ validation/test PSNR, and the training time from the run's metrics file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
 
-from gitjax.generators import build_generator
 from gitjax.prior import load_prior, save_prior
 
 
@@ -37,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     run, dest = Path(args.run), Path(args.dest)
     prior = load_prior(run)  # the best-by-validation checkpoint when the run recorded one
     if args.exact_cg_iters:
-        gen_cfg = dataclasses.replace(prior.config.generator, exact_cg_iters=args.exact_cg_iters)
-        config = dataclasses.replace(prior.config, generator=gen_cfg)
-        prior = prior.replace(config=config, generator=build_generator(gen_cfg, prior.victim, prior.victim_params))
+        prior = prior.with_generator_config(exact_cg_iters=args.exact_cg_iters)
     if dest.exists():
         shutil.rmtree(dest)
     save_prior(prior, dest)

@@ -14,6 +14,8 @@ attacks import this module; it never builds the trainer's compiled functions::
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,17 @@ class Prior:
     @property
     def layout(self) -> GradientLayout:
         return GradientLayout.from_params(self.victim_params, order=forward_order(self.victim))
+
+    def with_generator_config(self, **changes: Any) -> "Prior":
+        """The same learned params under a generator config with ``changes`` that add no
+        parameters, e.g. ``exact_cg_iters`` (Exact-GIT's solver steps at attack time)."""
+        if self.config is None:
+            raise GitjaxError("this Prior has no config to change")
+        from gitjax.generators import build_generator
+
+        gen_cfg = dataclasses.replace(self.config.generator, **changes)
+        return self.replace(config=dataclasses.replace(self.config, generator=gen_cfg),
+                            generator=build_generator(gen_cfg, self.victim, self.victim_params))
 
 
 def attack(prior: Prior, grads: Grads) -> Array:

@@ -63,6 +63,11 @@ def test_load_prior_of_an_exact_generator(tmp_path):
     loaded = load_prior(save_prior(prior, tmp_path / "run"))
     assert loaded.config.generator.kind == "exact"
     assert all(np.array_equal(a, b) for a, b in zip(_leaves(prior.gen_params), _leaves(loaded.gen_params)))
+    # Solver steps are not parameters: the same params run under a config with more of them.
+    more = loaded.with_generator_config(exact_cg_iters=2 * loaded.config.generator.exact_cg_iters)
+    assert more.generator.config.exact_cg_iters == more.config.generator.exact_cg_iters == \
+        2 * loaded.config.generator.exact_cg_iters
+    assert more.gen_params is loaded.gen_params and more.config.steps == loaded.config.steps
 
 
 def test_load_prior_is_not_cached(tmp_path):

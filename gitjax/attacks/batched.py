@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gitjax.attacks.ig import IGConfig
-from gitjax.attacks.iterative import labels_or_recovered, start_step_size
+from gitjax.attacks.iterative import keep_resolved_start, labels_or_recovered, start_step_size
 from gitjax.layout import GradientLayout, check_finite
 from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
@@ -102,12 +102,13 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
 
     if x_init_N is not None:
         x_init_N = jnp.clip(x_init_N, 0.0, 1.0)
+        # The start's quality (step size, kept start); ``distances`` works on all N*R rows.
+        d_start_N = jax.lax.stop_gradient(distances(rep(x_init_N))).reshape(n, r)[:, 0]
         if config.start_lr > 0:
             lr0_N = jnp.full((n,), config.start_lr, jnp.float32)
         else:
-            d0 = jax.lax.stop_gradient(distances(rep(x_init_N))).reshape(n, r)[:, 0]
             d_rand = jax.lax.stop_gradient(distances(x0_NxR.reshape(n * r, *shape))).reshape(n, r)[:, 0]
-            lr0_N = start_step_size(config.lr, d0, d_rand)
+            lr0_N = start_step_size(config.lr, d_start_N, d_rand)
         # The start takes the last slot, as in ``match_reconstruct``.
         lr_NxR = lr_NxR.at[:, -1].set(lr0_N)
         x0_NxR = x0_NxR.at[:, -1].set(x_init_N)
@@ -144,12 +145,10 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     if metric is not None and config.record_every:
         info["psnr"] = pick(jnp.moveaxis(trace.metric_R, 0, 1))  # (T/r, M) -> (N, T/r)
     x_N = pick(x_M)
-    if x_init_N is not None and config.start_resolved > 0:  # as in ``match_reconstruct``: keep a resolved start
-        d_start_N = distances(rep(x_init_N)).reshape(n, r)[:, 0]
-        keep_N = d_start_N <= config.start_resolved
-        x_N = jnp.where(keep_N.reshape(n, *(1,) * len(shape)), x_init_N, x_N)
-        info.update(grad_distance=jnp.where(keep_N, d_start_N, info["grad_distance"]),
-                    restart_index=jnp.where(keep_N, r - 1, i_N))
+    if x_init_N is not None and config.start_resolved > 0:
+        x_N, d_N, i_N = jax.vmap(keep_resolved_start, in_axes=(0, 0, 0, 0, 0, None, None))(
+            x_N, info["grad_distance"], i_N, x_init_N, d_start_N, config.start_resolved, r - 1)
+        info.update(grad_distance=d_N, restart_index=i_N)
     return x_N, info
 
 

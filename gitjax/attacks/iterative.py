@@ -67,6 +67,19 @@ def start_step_size(lr: float | Array, start_distance: Array, random_distance: A
     return lr * jnp.clip(ratio, floor, 1.0)
 
 
+def keep_resolved_start(x: Array, d: Array, index: Array, x_start: Array, d_start: Array, resolved: float,
+                        start_index: int) -> tuple[Array, Array, Array]:
+    """(x, d, index) of the refinement's pick, or of the start when its distance is <= ``resolved``.
+
+    A start that explains the leaked gradient to the distance's numerical resolution (float32
+    cosine distances of such starts are +-1e-7 noise) is kept as it is: below that, "a lower
+    distance" is rounding, and picking by it only moves away from the start. One problem; vmap
+    it over N (``stacked_ig``).
+    """
+    keep = d_start <= resolved
+    return jnp.where(keep, x_start, x), jnp.where(keep, d_start, d), jnp.where(keep, start_index, index)
+
+
 def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_grads: Grads,
                       labels: Array | None, key: PRNGKey, config: Any, match: MatchFn, *,
                       x_init: Array | None = None, x_prior: Array | None = None,
@@ -105,6 +118,7 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
         # result is the better, by gradient distance, of "without the start" and "from it".
         x_init = jnp.clip(x_init, 0.0, 1.0)
         x0_R = x0_R.at[-1].set(x_init)
+        d_start = jax.lax.stop_gradient(distance(x_init))  # the start's quality: step size, kept start
         start_lr = getattr(config, "start_lr", None)
         if start_lr is None:
             lr0 = config.lr
@@ -112,8 +126,8 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
             lr0 = start_lr
         else:
             # A random image (the first restart's init) is the reference for "how good is the start".
-            d0, d_rand = distance(x_init), distance(init_images(keys_R[0], x_init.shape, config.init))
-            lr0 = start_step_size(config.lr, jax.lax.stop_gradient(d0), jax.lax.stop_gradient(d_rand))
+            d_rand = distance(init_images(keys_R[0], x_init.shape, config.init))
+            lr0 = start_step_size(config.lr, d_start, jax.lax.stop_gradient(d_rand))
         lr_R = lr_R.at[-1].set(lr0)
 
     def one_run(x0: Array, lr: Array):
@@ -126,14 +140,9 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     x_out, info = best.x, best.info()
     resolved = getattr(config, "start_resolved", 0.0)
     if x_init is not None and resolved > 0:
-        # A start that explains the leaked gradient to the distance's numerical resolution
-        # (float32 cosine distances of such starts are +-1e-7 noise) is kept as it is: below
-        # that, "a lower distance" is rounding, and picking by it only moves away from the start.
-        d_start = distance(x_init)
-        keep = d_start <= resolved
-        x_out = jnp.where(keep, x_init, x_out)
-        info = {**info, "grad_distance": jnp.where(keep, d_start, info["grad_distance"]),
-                "restart_index": jnp.where(keep, config.restarts - 1, info["restart_index"])}
+        x_out, d_out, i_out = keep_resolved_start(x_out, info["grad_distance"], info["restart_index"], x_init,
+                                                  d_start, resolved, config.restarts - 1)
+        info = {**info, "grad_distance": d_out, "restart_index": i_out}
     labels_B = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
     return x_out, {**info, "labels": labels_B.astype(jnp.int32), "start_lr": lr_R[-1]}
 
