@@ -371,7 +371,7 @@ def lenet_coarse() -> TrainConfig:
     """
     return TrainConfig(
         victim="lenet",
-        generator=GeneratorConfig(kind="coarse", batch_size=1),
+        generator=GeneratorConfig(kind="coarse", batch_size=1, coarse_decoder="mirror", decoder_channels=16),
         stream=STREAM_MIX,
         victim_batch=1, global_batch=64, steps=16000, lr=1e-3, warmup=200,
         eval_gradients=128, checkpoint_every=1000, log_every=100, eval_every=500,

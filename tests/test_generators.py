@@ -194,6 +194,35 @@ def test_batch_of_one_and_generator_mirrors_the_layout(kind):
         assert {n[: -len("_out")] for n in names if n.endswith("_out") and n != "dec_out"} == set(layout.groups())
 
 
+@pytest.mark.parametrize("name", ("lenet", "resnet8"))
+def test_coarse_mirror_decoder_has_one_block_per_conv_unit_and_reads_the_head_probe(name):
+    """coarse_decoder="mirror": one FiLM'd conv block per spatial unit, started from the head's probe."""
+    victim, params, _ = victim_and_params(name)
+    b = 2
+    grads, _ = leaked(name, b)
+    cfg = GeneratorConfig(kind="coarse", batch_size=b, width=32, decoder_channels=16, coarse_decoder="mirror")
+    gen = build_generator(cfg, victim, params)
+    p = filled_params(gen, grads, params)
+    out = jax.jit(gen.apply)({"params": p}, grads, params)
+    assert out.shape == (2, b, *victim.input_shape)
+    assert bool(jnp.all(jnp.isfinite(out))) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    plan = build_plan(victim)
+    spatial = {u.name.replace("/", "_") for u in plan.units if len(u.in_shape) == 3 and len(u.out_shape) == 3}
+    mirror = p["core"]["mirror"]
+    assert {k[: -len("_film")] for k in mirror if k.endswith("_film")} == spatial
+    # The head's probe enters as extra channels of the first block's input.
+    top = [u for u in plan.units if u.name.replace("/", "_") in spatial][-1]
+    first_conv = mirror[f"{top.name.replace('/', '_')}_conv"]["kernel"]
+    assert first_conv.shape[-2] == 16 + top.out_shape[-1]
+    # The head probe moves the output: zero the head's kernel gradient (its probe becomes 0).
+    head = plan.layers[-1].block.path
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.zeros_like(a) if tuple(getattr(k, "key", None) for k in path[:-1]) == head
+        and getattr(path[-1], "key", None) == "kernel" else a, grads)
+    out0 = jax.jit(gen.apply)({"params": p}, zeroed, params)
+    assert float(jnp.max(jnp.abs(out0 - out))) > 1e-4
+
+
 def test_exact_git_on_vit_uses_the_pos_embedding_at_b1():
     """APRIL: d pos_embed is the per-token error, which makes the patch embedding invertible (B = 1).
 

@@ -129,11 +129,14 @@ class _CoarseCore(nn.Module):
         gb = layout.to_blocks(grads)
         h = jnp.zeros((cfg.width,), jnp.float32)
         first_probe = None
+        feats_of: dict[int, Array] = {}
+        probe_of: dict[int, Array | None] = {}
         for gname, idxs in reversed(list(layout.groups().items())):
             feats = []
             for i in idxs:
                 f, probe = self._features(i, gb)
                 feats.append(f)
+                feats_of[i], probe_of[i] = f, probe
                 if i == plan.first:
                     first_probe = probe
             gn = gname.replace("/", "_")
@@ -142,7 +145,25 @@ class _CoarseCore(nn.Module):
                 x = nn.gelu(nn.Dense(cfg.width, name=f"{gn}_mlp{d}")(x))
             h = h + nn.Dense(cfg.width, name=f"{gn}_out")(x)
 
-        # --- decoder: latent -> B images
+        hh, ww, cc = plan.image_shape
+        if cfg.coarse_decoder == "mirror" and _spatial_units(plan):
+            logits = _MirrorDecoder(cfg, plan, name="mirror")(h, feats_of, probe_of)
+        else:
+            logits = self._latent_decoder(h)
+
+        # --- exact probe of a dense first layer over the flattened image
+        lp = plan.layers[plan.first]
+        if (first_probe is not None and lp.op == "dense" and first_probe.size == hh * ww * cc
+                and plan.image_perm is not None):
+            img = to_image(plan, first_probe.reshape(1, *lp.in_shape))
+            alpha = self.param("probe_gate", nn.initializers.zeros, ())
+            pc = jnp.clip(img, 1e-3, 1 - 1e-3)
+            logits = logits + alpha * (jnp.log(pc) - jnp.log1p(-pc))
+        return jax.nn.sigmoid(logits)
+
+    def _latent_decoder(self, h: Array) -> Array:
+        """Latent (width,) -> image logits (B, H, W, C): dense slots, then transposed convs."""
+        cfg, plan = self.config, self.plan
         hh, ww, cc = plan.image_shape
         n_up = 0
         while n_up < 3 and hh % 2 ** (n_up + 1) == 0 and ww % 2 ** (n_up + 1) == 0:
@@ -155,14 +176,79 @@ class _CoarseCore(nn.Module):
         for k in range(n_up):
             ch = max(ch // 2, 8)
             y = nn.gelu(nn.ConvTranspose(ch, (4, 4), strides=(2, 2), name=f"dec_up{k}")(y))
-        logits = nn.Conv(cc, (3, 3), name="dec_out")(y)
+        return nn.Conv(cc, (3, 3), name="dec_out")(y)
 
-        # --- exact probe of a dense first layer over the flattened image
-        lp = plan.layers[plan.first]
-        if (first_probe is not None and lp.op == "dense" and first_probe.size == hh * ww * cc
-                and plan.image_perm is not None):
-            img = to_image(plan, first_probe.reshape(1, *lp.in_shape))
-            alpha = self.param("probe_gate", nn.initializers.zeros, ())
-            pc = jnp.clip(img, 1e-3, 1 - 1e-3)
-            logits = logits + alpha * (jnp.log(pc) - jnp.log1p(-pc))
-        return jax.nn.sigmoid(logits)
+
+def _spatial_units(plan: VictimPlan) -> list:
+    """The victim's units whose input and output are (H, W, C) maps, in forward order."""
+    return [u for u in plan.units if len(u.in_shape) == 3 and len(u.out_shape) == 3]
+
+
+class _MirrorDecoder(nn.Module):
+    """Spatial decoder that mirrors the victim's conv units in reverse (coarse_decoder="mirror").
+
+    The state starts shaped like the top conv unit's output: a dense map of the latent h,
+    plus, as extra channels, the head's probe reshaped to that map (at B = 1 the probe is
+    the head's exact input; if the head reads pooled features it is broadcast over space).
+    Each unit, from the top down, is inverted coarsely by one shallow conv block: conv,
+    FiLM from [LayerNorm(h), the unit's own gradient features], and an upsampling to the
+    unit's input resolution (sub-pixel: a conv, then depth-to-space, when the unit downsamples).
+    Channels double per halving of the resolution, capped at ``decoder_channels``, so the
+    full-resolution blocks stay cheap.
+    """
+
+    config: GeneratorConfig
+    plan: VictimPlan
+
+    def _channels(self, side: int, top_side: int) -> int:
+        return max(8, min(self.config.decoder_channels, self.config.decoder_channels * side // top_side))
+
+    @nn.compact
+    def __call__(self, h: Array, feats_of: dict, probe_of: dict) -> Array:
+        cfg, plan = self.config, self.plan
+        units = _spatial_units(plan)
+        top = units[-1]
+        th, tw, tc = top.out_shape
+        bsz = cfg.batch_size
+        ch = self._channels(th, th)
+        hn = nn.LayerNorm(name="h_ln")(h)
+        state = nn.Dense(bsz * th * tw * ch, name="init",
+                         kernel_init=nn.initializers.normal(0.02))(hn).reshape(bsz, th, tw, ch)
+        # The head's probe: the exact input of the first dense layer after the conv units.
+        reader = next((l for l in plan.layers if l.index > max(max(i) for i in top.main) and l.op == "dense"), None)
+        probe = probe_of.get(reader.index) if reader is not None else None
+        if probe is not None:
+            if probe.size == th * tw * tc:
+                pmap = probe.reshape(th, tw, tc)
+            elif probe.size == tc:
+                pmap = jnp.broadcast_to(probe, (th, tw, tc))
+            else:
+                pmap = None
+            if pmap is not None:
+                pmap = _squash(pmap / (rms(pmap) + TINY))
+                state = jnp.concatenate([state, jnp.broadcast_to(pmap, (bsz, th, tw, tc))], -1)
+        for u in reversed(units):
+            name = u.name.replace("/", "_")
+            ih, iw, _ = u.in_shape
+            oh, ow, _ = u.out_shape
+            if state.shape[1:3] != (oh, ow):  # a pooling or other resampling between units
+                state = jax.image.resize(state, (bsz, oh, ow, state.shape[-1]), "linear")
+            idx = [i for item in u.main + u.side for i in item]
+            cond = jnp.concatenate([hn] + [feats_of[i] for i in idx if i in feats_of])
+            ch_out = self._channels(ih, th)
+            y = nn.gelu(nn.Conv(ch, (3, 3), name=f"{name}_conv")(state))
+            film = nn.Dense(2 * ch, name=f"{name}_film", kernel_init=nn.initializers.zeros)(cond)
+            y = y * (1 + film[:ch]) + film[ch:]
+            if (ih, iw) == (oh, ow):
+                y = nn.gelu(nn.Conv(ch_out, (3, 3), name=f"{name}_up")(y))
+            else:
+                # Sub-pixel upsampling (conv to s*s*C channels, then depth-to-space): on XLA:CPU a
+                # strided ConvTranspose's backward pass ran ~12x slower for the same FLOPs.
+                sh, sw = max(ih // oh, 1), max(iw // ow, 1)
+                y = nn.Conv(ch_out * sh * sw, (3, 3), name=f"{name}_up")(y)
+                y = y.reshape(bsz, oh, ow, sh, sw, ch_out).transpose(0, 1, 3, 2, 4, 5)
+                y = nn.gelu(y.reshape(bsz, oh * sh, ow * sw, ch_out))
+                if y.shape[1:3] != (ih, iw):
+                    y = jax.image.resize(y, (bsz, ih, iw, ch_out), "linear")
+            state, ch = y, ch_out
+        return nn.Conv(plan.image_shape[-1], (3, 3), name="out")(state)

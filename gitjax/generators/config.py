@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 GENERATORS = ("exact", "coarse", "lti")
+COARSE_DECODERS = ("latent", "mirror")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,11 @@ class GeneratorConfig:
       probe_max: probe vectors and per-channel gradients up to this length enter
         Coarse-GIT raw; longer ones are sketched.
       decoder_channels: channels of Coarse-GIT's image decoder at its lowest resolution.
+      coarse_decoder: "latent" (the latent vector h is decoded to the image by a dense
+        layer and transposed convolutions) or "mirror" (a spatial state shaped like each
+        conv unit's output is carried back through the victim's conv units in reverse, one
+        shallow conv block per unit, modulated by h and that unit's own gradient features;
+        it starts from the head's probe, which at B = 1 is the exact input activation).
       lti_hidden: hidden width of the LTI MLP (the paper uses 3000; the default fits a CPU).
       lti_layers: hidden layers of the LTI MLP (the paper uses 2).
       lti_compress_dim: LTI compresses gradients longer than this with a fixed
@@ -60,6 +66,7 @@ class GeneratorConfig:
     coarse_rank: int = 16
     probe_max: int = 1024
     decoder_channels: int = 64
+    coarse_decoder: str = "latent"
     lti_hidden: int = 1000
     lti_layers: int = 2
     lti_compress_dim: int = 1024
@@ -68,6 +75,9 @@ class GeneratorConfig:
     def __post_init__(self):
         if self.kind not in GENERATORS:
             raise ValueError(f"unknown generator kind {self.kind!r}; expected one of {', '.join(GENERATORS)}")
+        if self.coarse_decoder not in COARSE_DECODERS:
+            raise ValueError(f"unknown coarse_decoder {self.coarse_decoder!r}; expected one of "
+                             f"{', '.join(COARSE_DECODERS)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.exact_cg_iters < 0 or self.exact_cg_grad_iters < 0:
