@@ -143,3 +143,17 @@ def test_existing_run_conflicts_are_one_line(tiny_run, capsys, flags, needle):
     assert main([*argv, *flags]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_parser_choice_literals_match_the_library():
+    """cli.py spells some choices as literals (importing the library at parse time would import jax)."""
+    from gitjax.cli import build_parser
+    from gitjax.demo import PRIOR_CHOICES
+    from gitjax.generators import GENERATORS
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for command in ("demo", "train-prior"):
+        opts = {a.dest: a for a in sub.choices[command]._actions}
+        assert tuple(opts["generator"].choices) == GENERATORS
+    demo = {a.dest: a for a in sub.choices["demo"]._actions}
+    assert tuple(demo["prior"].choices) == PRIOR_CHOICES
