@@ -2,12 +2,16 @@
 
     python -m experiments.compare_generators                     # lenet + resnet8, default budget
     python -m experiments.compare_generators --steps 300 --victims lenet   # quicker
+    python -m experiments.compare_generators --num-images 32 \
+        --prior exact=gitjax/priors/lenet_exact --prior coarse=runs/lenet_coarse --prior lti=runs/lenet_lti
 
 Trains one prior per (victim, generator) on the 'patches' train split (photos
 disjoint from the test split), then reconstructs test images from their leaked
 batch-1 gradients with one forward pass and prints PSNR / SSIM. Results go to
 ``outputs/compare_generators/results.json`` and ``table.md``; the priors are
-kept under ``outputs/compare_generators/<victim>-<kind>`` (rerunning resumes).
+kept under ``outputs/compare_generators/<victim>-<kind>`` (rerunning resumes). With
+``--prior NAME=DIR`` (repeatable) nothing is trained: the given priors (e.g. the converged
+presets' runs) are scored on the same test images of their victim, one row each.
 """
 
 from __future__ import annotations
@@ -45,6 +49,36 @@ def evaluate_prior(workdir: Path, num_images: int, seed: int) -> tuple[dict, np.
     return ev, test.images[idx], rec.images[:, 0], sc["oracles"]
 
 
+def score_priors(args: argparse.Namespace, out: Path) -> int:
+    """Scores already-trained priors (``--prior NAME=DIR``) on one set of test images per victim."""
+    rows, grids, oracles_of, names = [], {}, {}, {}
+    for item in args.prior:
+        name, sep, workdir = item.partition("=")
+        if not sep or not name or not workdir:
+            raise SystemExit(f"--prior wants NAME=DIR, got {item!r}")
+        prior = load_prior(workdir)
+        victim = prior.config.victim if prior.config is not None else "?"
+        ev, truth, recon, oracles = evaluate_prior(Path(workdir), args.num_images, args.seed)
+        rows.append({"victim": victim, "generator": name, "prior": workdir,
+                     "gen_params": int(sum(x.size for x in jax.tree_util.tree_leaves(prior.gen_params))),
+                     **ev})
+        grids.setdefault(victim, [truth[:12]]).append(recon[:12])
+        names.setdefault(victim, []).append(name)
+        oracles_of[victim] = oracles
+        print(format_table(rows[-1:]), flush=True)
+    for victim, oracles in oracles_of.items():
+        rows += [{"victim": victim, "generator": o["method"], **{k: o[k] for k in ("psnr", "ssim", "mse")}}
+                 for o in oracles]
+    table = format_table(rows)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    for victim, g in grids.items():
+        save_grid(out / f"{victim}.png", g, ["truth", *names[victim]])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--victims", nargs="+", default=["lenet", "resnet8"])
@@ -57,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-cg-iters", type=int, default=None,
                    help="Exact-GIT's CG steps per underdetermined layer (default GeneratorConfig's 64; "
                         "LeNet presets use 256)")
+    p.add_argument("--prior", action="append", default=[], metavar="NAME=DIR",
+                   help="score this trained prior instead of training (repeatable)")
     p.add_argument("--out", default="outputs/compare_generators")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.prior:
+        return score_priors(args, out)
     rows, grids = [], {}
     for victim in args.victims:
         for kind in args.kinds:

@@ -204,21 +204,9 @@ class AttackJob:
 
 def attack_config(job: AttackJob) -> Any:
     """The method's config for ``job``: defaults, ``--steps`` for iterative methods (the refinement of git+*)."""
-    from gitjax.attacks import get_attack
-    from gitjax.pipeline import default_refine_config
+    from gitjax.pipeline import method_config
 
-    spec = get_attack(job.method)
-    config = spec.config_cls()
-    if spec.family == "learned":
-        config = dataclasses.replace(config, checkpoint=job.checkpoint)
-        if spec.refine:
-            sub = default_refine_config(spec.refine)
-            if job.steps is not None:
-                sub = dataclasses.replace(sub, steps=job.steps)
-            config = dataclasses.replace(config, refine_config=sub)
-    elif job.steps is not None and hasattr(config, "steps"):
-        config = dataclasses.replace(config, steps=job.steps)
-    return config
+    return method_config(job.method, checkpoint=job.checkpoint, steps=job.steps)
 
 
 def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:

@@ -157,6 +157,25 @@ def default_refine_config(refine: str) -> Any:
     return IGConfig(lr=0.05) if refine == "ig" else DLGConfig()
 
 
+def method_config(method: str, *, checkpoint: str | None = None, steps: int | None = None) -> Any:
+    """The registry config of ``method`` as ``gitjax attack`` runs it: the defaults, ``steps``
+    for an iterative method (for git+ig / git+dlg: of the refinement), ``checkpoint`` for GIT."""
+    from gitjax.attacks import get_attack
+
+    spec = get_attack(method)
+    config = spec.config_cls()
+    if spec.family == "learned":
+        config = dataclasses.replace(config, checkpoint=checkpoint)
+        if spec.refine:
+            sub = default_refine_config(spec.refine)
+            if steps is not None:
+                sub = dataclasses.replace(sub, steps=steps)
+            config = dataclasses.replace(config, refine_config=sub)
+    elif steps is not None and hasattr(config, "steps"):
+        config = dataclasses.replace(config, steps=steps)
+    return config
+
+
 def _take(tree: Any, sl: slice) -> Any:
     return jax.tree_util.tree_map(lambda a: a[sl], tree)
 
