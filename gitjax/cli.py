@@ -94,6 +94,8 @@ def train_config_from_args(args: argparse.Namespace):
     changes["perturbations"] = tuple(perts)
     if args.param_perturb:
         changes["param_discrepancy"] = (0.0, args.param_perturb)
+    if args.init_from is not None:
+        changes["init_from"] = args.init_from
     if "steps" in changes and config.warmup >= changes["steps"]:
         changes["warmup"] = changes["steps"] // 10
     return dataclasses.replace(config, **changes).validate()
@@ -118,7 +120,10 @@ def validate_train_prior(args: argparse.Namespace) -> None:
     if args.param_perturb is not None:
         validate.number_in(args.param_perturb, "--param-perturb", 0.0)
     _use_data_dir(args, set_env=True)
-    args.config = train_config_from_args(args)  # ConfigError: unknown preset, inconsistent fields
+    args.config = train_config_from_args(args)
+    if args.config.init_from and not Path(args.config.init_from).is_dir():
+        raise GitjaxError(f"--init-from {args.config.init_from} is not a folder; pass a train-prior --workdir "
+                          "(the lenet_robust preset starts from runs/lenet_coarse: train lenet_coarse first)")  # ConfigError: unknown preset, inconsistent fields
     _announce_resume(args, args.config)
 
 
@@ -465,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--param-perturb", type=float, default=None,
                    help="train with relative victim-parameter perturbation up to this (>= 0; default the "
                         "preset's, else 0)")
+    s.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from this trained prior's generator and victim copy (a fine-tune; same victim and "
+                        "generator config; default the preset's, else a fresh init)")
     s.add_argument("--no-resume", action="store_true", help="refuse a --workdir that already holds checkpoints")
     s.set_defaults(fn=cmd_train_prior, check=validate_train_prior)
 

@@ -387,12 +387,32 @@ def _read_best(workdir: Path, start: int, is_main: bool) -> dict[str, Any] | Non
     return best
 
 
+def _init_from_prior(config: TrainConfig, fns: CompiledStep, mesh: Mesh) -> tuple[TrainState, dict[str, Any]]:
+    """Start state of a fine-tune: ``config.init_from``'s generator params (and EMA) and victim copy."""
+    prior = load_prior(config.init_from)
+    if prior.config is None:
+        raise ConfigError(f"init_from={config.init_from!r} holds no config; start from a train-prior run dir")
+    diff = {k: v for k, v in config_diff(prior.config, config).items()
+            if k in ("victim", "victim_kwargs", "generator", "victim_batch")}
+    if diff:
+        shown = "; ".join(f"{k}: prior {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"init_from={config.init_from!r} was trained with another model: {shown}")
+    victim_tree = parallel.replicate({"params": prior.victim_params, "state": prior.victim_state}, mesh)
+    state = fns.init(jnp.int32(config.seed), victim_tree["params"])
+    params = jax.tree_util.tree_map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                                    prior.gen_params, state.params)
+    ema = jax.tree_util.tree_map(jnp.copy, params)
+    return state.replace(params=params, ema_params=ema), victim_tree
+
+
 def _restore_or_init(ckpt: PriorCheckpointer, config: TrainConfig, resume: bool, fns: CompiledStep, victim: Victim,
                      abstract_victim: Any, train_ds: Any, mesh: Mesh, metrics_path: Path
                      ) -> tuple[TrainState, dict[str, Any], int, list[dict[str, Any]]]:
     """(state, {"params", "state"} of the victim, start step, metric records so far)."""
     latest = ckpt.latest_step()
     if latest is None:
+        if config.init_from:
+            return (*_init_from_prior(config, fns, mesh), 0, [])
         params, vstate = init_victim(config, victim, train_ds.images, train_ds.labels)
         victim_tree = parallel.replicate({"params": params, "state": vstate}, mesh)
         state = fns.init(jnp.int32(config.seed), victim_tree["params"])

@@ -157,3 +157,11 @@ def test_parser_choice_literals_match_the_library():
         assert tuple(opts["generator"].choices) == GENERATORS
     demo = {a.dest: a for a in sub.choices["demo"]._actions}
     assert tuple(demo["prior"].choices) == PRIOR_CHOICES
+
+
+def test_init_from_a_missing_folder_is_one_line_before_work(tmp_path, capsys):
+    assert main(["train-prior", "--preset", "tiny", "--workdir", str(tmp_path / "w"),
+                 "--init-from", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init-from" in err[0] and "not a folder" in err[0]
+    assert not (tmp_path / "w").exists()

@@ -256,6 +256,23 @@ def test_resume_with_another_config_is_a_clear_error(straight, tmp_path):
     assert set(TrainConfig.RUNTIME_FIELDS) == {"checkpoint_every", "keep_checkpoints", "log_every", "eval_every"}
 
 
+def test_init_from_starts_where_the_prior_ended_and_refuses_another_model(straight, tmp_path):
+    """init_from (a fine-tune): step 0 evaluates the source prior's best params on its victim copy."""
+    src = straight.workdir
+    tune = TINY.replace(init_from=str(src), steps=2, warmup=1, eval_every=1, perturbations=(
+        perturb("gaussian", std=(0.0, 1e-2), prob=0.5),))
+    res = train_prior(tune, tmp_path / "tune", progress=False)
+    step0 = next(r for r in res.history if r["step"] == 0 and "val_loss" in r)
+    best = json.loads((src / BEST_FILE).read_text())
+    np.testing.assert_allclose(step0["val_loss"], best["val_loss"], rtol=1e-5)
+    for x, y in zip(_leaves(res.victim_params), _leaves(straight.victim_params)):
+        assert np.array_equal(x, y)
+    assert int(res.state.step) == 2
+    other = TINY.replace(init_from=str(src), victim_kwargs=(("widths", (16,)),))
+    with pytest.raises(ConfigError, match="init_from.*another model.*victim_kwargs"):
+        train_prior(other, tmp_path / "other", progress=False)
+
+
 # ----------------------------------------------------------------------------- configs
 
 
