@@ -67,8 +67,17 @@ def score_priors(args: argparse.Namespace, out: Path) -> int:
         oracles_of[victim] = oracles
         print(format_table(rows[-1:]), flush=True)
     for victim, oracles in oracles_of.items():
-        rows += [{"victim": victim, "generator": o["method"], **{k: o[k] for k in ("psnr", "ssim", "mse")}}
-                 for o in oracles]
+        rows += _oracle_rows(victim, oracles)
+    return _write(out, args, rows, grids, names)
+
+
+def _oracle_rows(victim: str, oracles: list[dict]) -> list[dict]:
+    return [{"victim": victim, "generator": o["method"], **{k: o[k] for k in ("psnr", "ssim", "mse")}}
+            for o in oracles]
+
+
+def _write(out: Path, args: argparse.Namespace, rows: list[dict], grids: dict, names: dict) -> int:
+    """Prints the table; writes results.json, table.md and one PNG grid per victim (truth, then each row)."""
     table = format_table(rows)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,16 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             grids.setdefault(victim, [truth[:12]]).append(recon[:12])
             print(format_table(rows[-1:]))
         # The same test images for every generator of this victim: one set of oracle rows.
-        rows += [{"victim": victim, "generator": o["method"], **{k: o[k] for k in ("psnr", "ssim", "mse")}}
-                 for o in oracles]
-    table = format_table(rows)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    (out / "table.md").write_text(table + "\n")
-    for victim, g in grids.items():
-        save_grid(out / f"{victim}.png", g, ["truth", *args.kinds])
-    return 0
+        rows += _oracle_rows(victim, oracles)
+    return _write(out, args, rows, grids, {victim: args.kinds for victim in grids})
 
 
 if __name__ == "__main__":
