@@ -51,25 +51,24 @@ from gitjax.victims import make_victim
 PARTS = ("batched", "iteration", "git")
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up: compilation and the first run are excluded
+def _timings(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn``, after one warm-up call (compilation and the first run)."""
+    jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(_timings(fn, repeats))
 
 
 def _min_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Like ``_median_seconds`` but the minimum: for differences of two timings (noise only adds)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(max(repeats, 2)):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    """The minimum over at least two calls: for differences of two timings (noise only adds)."""
+    return min(_timings(fn, max(repeats, 2)))
 
 
 def device() -> str:

@@ -28,14 +28,14 @@ from gitjax.configs import TrainConfig
 from gitjax.data import load_dataset
 from gitjax.generators import GeneratorConfig
 from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
-from gitjax.prior import load_prior
+from gitjax.prior import Prior, load_prior
 from gitjax.train import train_prior
 from gitjax.viz import format_table, save_grid
 
 
-def evaluate_prior(workdir: Path, num_images: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray, list[dict]]:
+def evaluate_prior(prior: Prior, num_images: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray, list[dict]]:
     """One-shot reconstructions of ``num_images`` test images: (metrics, truth, recon, oracle rows)."""
-    attacker = attacker_from_prior(load_prior(workdir))
+    attacker = attacker_from_prior(prior)
     vic = attacker.victim
     test = load_dataset("patches", "test", image_size=vic.input_shape[0], channels=vic.input_shape[2])
     idx = np.random.default_rng(seed).choice(len(test), num_images, replace=False)
@@ -58,7 +58,7 @@ def score_priors(args: argparse.Namespace, out: Path) -> int:
             raise SystemExit(f"--prior wants NAME=DIR, got {item!r}")
         prior = load_prior(workdir)
         victim = prior.config.victim if prior.config is not None else "?"
-        ev, truth, recon, oracles = evaluate_prior(Path(workdir), args.num_images, args.seed)
+        ev, truth, recon, oracles = evaluate_prior(prior, args.num_images, args.seed)
         rows.append({"victim": victim, "generator": name, "prior": workdir,
                      "gen_params": int(sum(x.size for x in jax.tree_util.tree_leaves(prior.gen_params))),
                      **ev})
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             res = train_prior(config, out / f"{victim}-{kind}", resume=True, progress=not args.quiet)
             train_s = time.perf_counter() - t0
             n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(res.params)))
-            ev, truth, recon, oracles = evaluate_prior(out / f"{victim}-{kind}", args.num_images, args.seed)
+            ev, truth, recon, oracles = evaluate_prior(load_prior(out / f"{victim}-{kind}"), args.num_images,
+                                                       args.seed)
             rows.append({"victim": victim, "generator": kind, "gen_params": n_params, "steps": args.steps,
                          "train_s": train_s, **ev})
             grids.setdefault(victim, [truth[:12]]).append(recon[:12])

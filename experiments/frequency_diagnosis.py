@@ -12,11 +12,11 @@ low (sigma-2 blur) and high (the rest) bands next to the true images' high-band 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 from experiments.compare_generators import evaluate_prior
 from gitjax.metrics import batch_psnr, gaussian_blur
+from gitjax.prior import load_prior
 
 
 def mean_psnr(a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray) -> float:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    _, truth, recon, _ = evaluate_prior(Path(args.workdir), args.num_images, args.seed)
+    _, truth, recon, _ = evaluate_prior(load_prior(args.workdir), args.num_images, args.seed)
     truth, recon = np.asarray(truth, np.float64), np.asarray(recon, np.float64)
     colour = lambda x: np.broadcast_to(x.mean(axis=(1, 2), keepdims=True), x.shape)
     blurred = {s: blur(recon, s) for s in (1, 2, 3)}

@@ -120,10 +120,10 @@ def validate_train_prior(args: argparse.Namespace) -> None:
     if args.param_perturb is not None:
         validate.number_in(args.param_perturb, "--param-perturb", 0.0)
     _use_data_dir(args, set_env=True)
-    args.config = train_config_from_args(args)
+    args.config = train_config_from_args(args)  # ConfigError: unknown preset, inconsistent fields
     if args.config.init_from and not Path(args.config.init_from).is_dir():
         raise GitjaxError(f"--init-from {args.config.init_from} is not a folder; pass a train-prior --workdir "
-                          "(the lenet_robust preset starts from runs/lenet_coarse: train lenet_coarse first)")  # ConfigError: unknown preset, inconsistent fields
+                          "(the lenet_robust preset starts from runs/lenet_coarse: train lenet_coarse first)")
     _announce_resume(args, args.config)
 
 
