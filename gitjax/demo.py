@@ -54,14 +54,20 @@ def check_prior_choice(prior: str, victim: str, generator: str) -> None:
 
 
 def demo_config(victim: str, prior_steps: int, seed: int, generator: str = "coarse"):
-    """The prior-training config the demo uses (small enough for 2 CPU cores)."""
-    from gitjax.configs import TrainConfig
+    """The prior-training config the demo uses (small enough for 2 CPU cores).
+
+    The same data and decoder as the converged presets (``lenet_coarse``): the streamed mix
+    of photo crops and procedural images, and for Coarse-GIT the mirror decoder; only the
+    number of steps is the demo's.
+    """
+    from gitjax.configs import STREAM_MIX, TrainConfig
     from gitjax.generators import GeneratorConfig
 
+    # Exact-GIT: 256 CG steps make LeNet's conv inversions converge (64 give 22 dB, 256 give 40 dB).
+    extra = {"exact": {"exact_cg_iters": 256}, "coarse": {"coarse_decoder": "mirror", "decoder_channels": 16}}
     return TrainConfig(
-        # Exact-GIT: 256 CG steps make LeNet's conv inversions converge (64 give 22 dB, 256 give 40 dB).
-        victim=victim, dataset="patches", generator=GeneratorConfig(
-            kind=generator, batch_size=1, **({"exact_cg_iters": 256} if generator == "exact" else {})),
+        victim=victim, dataset="patches", stream=STREAM_MIX,
+        generator=GeneratorConfig(kind=generator, batch_size=1, **extra.get(generator, {})),
         victim_batch=1, global_batch=32, steps=prior_steps, lr=1e-3, warmup=min(50, prior_steps // 10),
         seed=seed, eval_gradients=32, checkpoint_every=max(100, prior_steps // 2), log_every=50,
         eval_every=max(50, prior_steps // 4),
