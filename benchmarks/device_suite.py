@@ -109,6 +109,7 @@ def part_exact_vs_coarse(s: Sizes) -> dict:
             row.update(coarse_step_s=coarse["step_s"], exact_step_s=exact["step_s"], leak_s=coarse["leak_s"],
                        exact_over_coarse=round(exact["step_s"] / coarse["step_s"], 3),
                        coarse_step_over_leak=coarse["step_over_leak"],
+                       coarse_step_over_parts=coarse["step_over_parts"],
                        exact_step_over_leak=exact["step_over_leak"])
         except Exception as e:  # noqa: BLE001 - one victim's failure must not lose the other's row
             row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
@@ -173,6 +174,8 @@ def markdown(results: dict) -> str:
                          f"{_fmt(r['exact_over_coarse'])}x | <= 2 (LeNet), <= 3 (ResNet-8) |")
             lines.append(f"| prior step | {r['victim']} N={r['global_batch']} | Coarse step / its leak | "
                          f"{_fmt(r['coarse_step_over_leak'])}x | <= 2 |")
+            lines.append(f"| prior step | {r['victim']} N={r['global_batch']} | Coarse step / (leak + generator "
+                         f"update) | {_fmt(r['coarse_step_over_parts'])}x | 1 |")
         else:
             lines.append(f"| prior step | {r['victim']} | error | {r.get('error', '?')[:80]} | |")
     tr = parts.get("train", {})

@@ -27,9 +27,9 @@ def test_device_suite_tiny_writes_every_part(tmp_path):
     assert run["ig_iter_over_objective_grad"] > 0 and run["one_shot_over_forward"] > 0
     step = parts["exact_vs_coarse"]["rows"][0]
     assert "error" not in step, step.get("error")
-    assert step["exact_over_coarse"] > 0 and step["coarse_step_over_leak"] > 0
+    assert step["exact_over_coarse"] > 0 and step["coarse_step_over_leak"] > 0 and step["coarse_step_over_parts"] > 0
     assert parts["train"]["examples_per_s"] > 0 and parts["train"]["test_psnr"] is not None
     table = (tmp_path / "suite.md").read_text()
     for figure in ("per-example / batch-mean", "IG iteration / objective gradient", "one-shot / generator forward",
-                   "Exact / Coarse step", "test PSNR reached"):
+                   "Exact / Coarse step", "Coarse step / (leak + generator update)", "test PSNR reached"):
         assert figure in table
