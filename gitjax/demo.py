@@ -60,14 +60,13 @@ def demo_config(victim: str, prior_steps: int, seed: int, generator: str = "coar
     of photo crops and procedural images, and for Coarse-GIT the mirror decoder; only the
     number of steps is the demo's.
     """
-    from gitjax.configs import STREAM_MIX, TrainConfig
-    from gitjax.generators import GeneratorConfig
+    from gitjax.configs import TrainConfig, prior_generator, stream_for
 
     # Exact-GIT: 256 CG steps make LeNet's conv inversions converge (64 give 22 dB, 256 give 40 dB).
-    extra = {"exact": {"exact_cg_iters": 256}, "coarse": {"coarse_decoder": "mirror", "decoder_channels": 16}}
+    extra = {"exact_cg_iters": 256} if generator == "exact" else {}
     return TrainConfig(
-        victim=victim, dataset="patches", stream=STREAM_MIX,
-        generator=GeneratorConfig(kind=generator, batch_size=1, **extra.get(generator, {})),
+        victim=victim, dataset="patches", stream=stream_for("patches"),
+        generator=prior_generator(generator, 1, **extra),
         victim_batch=1, global_batch=32, steps=prior_steps, lr=1e-3, warmup=min(50, prior_steps // 10),
         seed=seed, eval_gradients=32, checkpoint_every=max(100, prior_steps // 2), log_every=50,
         eval_every=max(50, prior_steps // 4),

@@ -73,6 +73,25 @@ def test_priors_are_shared_across_noise_levels_and_matched_per_level():
     assert (p.defense, dict(p.params)) == ("gaussian", {"std": 1e-2})
 
 
+def test_study_priors_use_the_presets_recipe():
+    # One rule for the presets, the demo and the study: streamed data, Coarse-GIT's mirror decoder.
+    from gitjax.configs import STREAM_MIX, get_preset
+    from gitjax.demo import demo_config
+
+    runs = EXPERIMENTS["noise"].build("small", False)
+    coarse = next(r for r in runs if r.victim == "lenet" and r.method == "coarse")
+    cfg = study.prior_config(coarse)
+    preset = get_preset("lenet_coarse")
+    assert cfg.stream == preset.stream == STREAM_MIX
+    assert cfg.generator == preset.generator == demo_config("lenet", 10, 0).generator
+    assert cfg.generator.coarse_decoder == "mirror"
+    lti = study.prior_config(next(r for r in runs if r.victim == "lenet" and r.method == "lti"))
+    assert lti.generator.kind == "lti" and lti.stream == STREAM_MIX
+    # A dataset without source photos streams its own images, augmented.
+    digits = study.prior_config(dataclasses.replace(coarse, train_dataset="digits"))
+    assert digits.stream.enabled and digits.stream.photos == 0 and digits.stream.dataset > 0
+
+
 def test_grids_cover_the_matrix_and_smoke_shrinks_them():
     assert set(EXPERIMENTS) == {"noise", "prune", "dpsgd", "compression", "shift", "discrepancy", "batch", "fedavg"}
     small = {n: e.build("small", False) for n, e in EXPERIMENTS.items()}

@@ -28,6 +28,7 @@ from gitjax.data.embedded import (
     EMBEDDED_DATASETS,
     VALIDATION_SOURCES,
     load_embedded,
+    photo_dataset,
     source_photos,
     split_validation,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "load_embedded",
     "load_tfds",
     "normalization",
+    "photo_dataset",
     "source_photos",
     "split_validation",
     "VALIDATION_SOURCES",

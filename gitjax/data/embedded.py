@@ -159,6 +159,11 @@ def _build_photo_patches(name: str, split: str, image_size: int) -> tuple[np.nda
     return images_all[keep_all], labels_all[keep_all], ids_all[keep_all]
 
 
+def photo_dataset(name: str) -> bool:
+    """True when ``name`` is cut from bundled photographs (``source_photos`` works; the stream can crop it)."""
+    return name in _PHOTO_SOURCES
+
+
 def source_photos(name: str, split: str = "train", channels: int = 3,
                   exclude_validation: bool = True) -> list[np.ndarray]:
     """The bundled full-resolution photos behind a photo dataset's split (what gitjax.stream crops).

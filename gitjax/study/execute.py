@@ -72,14 +72,13 @@ def method_of(run: Run) -> Method:
 
 def prior_config(run: Run):
     """The ``gitjax.configs.TrainConfig`` of the prior ``run`` needs (None for prior-free methods)."""
-    from gitjax.configs import TrainConfig, perturb
-    from gitjax.generators import GeneratorConfig
+    from gitjax.configs import TrainConfig, perturb, prior_generator, stream_for
 
     kind = method_of(run).prior_kind
     if kind is None:
         return None
     b = run.budget
-    gen_kw = {"kind": kind, "batch_size": run.batch_size}
+    gen_kw = {}
     if b.generator_width is not None:
         gen_kw["width"] = b.generator_width
     perturbations, discrepancy = (), (0.0, 0.0)
@@ -95,7 +94,9 @@ def prior_config(run: Run):
         raise GitjaxError(f"prior_training must be 'clean' or 'matched', got {run.prior_training!r}")
     return TrainConfig(
         victim=run.victim, victim_kwargs=run.victim_kwargs, victim_pretrain_steps=b.victim_pretrain_steps,
-        dataset=run.train_dataset, generator=GeneratorConfig(**gen_kw), victim_batch=run.batch_size,
+        # The presets' recipe (lenet_coarse): streamed data, Coarse-GIT's mirror decoder.
+        dataset=run.train_dataset, stream=stream_for(run.train_dataset),
+        generator=prior_generator(kind, run.batch_size, **gen_kw), victim_batch=run.batch_size,
         global_batch=b.prior_batch, steps=b.prior_steps, lr=b.prior_lr, warmup=min(b.prior_warmup, b.prior_steps - 1),
         perturbations=perturbations, param_discrepancy=discrepancy, seed=run.seed, eval_gradients=b.prior_eval,
         checkpoint_every=0, keep_checkpoints=1, log_every=max(1, b.prior_steps // 10), eval_every=0,
