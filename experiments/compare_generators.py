@@ -24,9 +24,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gitjax.configs import TrainConfig
+from gitjax.configs import TrainConfig, prior_generator, stream_for
 from gitjax.data import load_dataset
-from gitjax.generators import GeneratorConfig
 from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
 from gitjax.prior import Prior, load_prior
 from gitjax.train import train_prior
@@ -112,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     for victim in args.victims:
         for kind in args.kinds:
             gen_kw = {"exact_cg_iters": args.exact_cg_iters} if kind == "exact" and args.exact_cg_iters else {}
-            config = TrainConfig(victim=victim, dataset="patches",
-                                 generator=GeneratorConfig(kind=kind, batch_size=1, **gen_kw),
+            config = TrainConfig(victim=victim, dataset="patches", stream=stream_for("patches"),
+                                 generator=prior_generator(kind, 1, **gen_kw),
                                  victim_batch=1, global_batch=args.global_batch, steps=args.steps,
                                  tv_weight=args.tv_weight,
                                  warmup=min(100, args.steps // 10), seed=args.seed,

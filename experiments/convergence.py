@@ -29,9 +29,8 @@ import numpy as np
 
 from gitjax.attacks.batched import batched_attack
 from gitjax.attacks.ig import IGConfig
-from gitjax.configs import TrainConfig
+from gitjax.configs import TrainConfig, prior_generator, stream_for
 from gitjax.data import load_dataset
-from gitjax.generators import GeneratorConfig
 from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
 from gitjax.prior import load_prior
 from gitjax.train import train_prior
@@ -46,7 +45,8 @@ def iterations_to_reach(psnr_R: np.ndarray, iters_R: np.ndarray, target: float) 
 
 def run_victim(victim: str, args: argparse.Namespace, out: Path) -> tuple[list[dict], dict]:
     workdir = out / f"prior-{victim}-{args.generator}"
-    config = TrainConfig(victim=victim, dataset="patches", generator=GeneratorConfig(kind=args.generator, batch_size=1),
+    config = TrainConfig(victim=victim, dataset="patches", stream=stream_for("patches"),
+                         generator=prior_generator(args.generator, 1),
                          victim_batch=1, global_batch=32, steps=args.prior_steps,
                          warmup=min(100, args.prior_steps // 10), seed=args.seed,
                          checkpoint_every=max(250, args.prior_steps // 4), eval_every=max(100, args.prior_steps // 5))
