@@ -432,12 +432,12 @@ def lenet_lti() -> TrainConfig:
     examples as lenet_coarse: the full flat gradient (15.8k entries, no projection)
     into two hidden layers of 500 units (the paper's 3000: lenet_lti_paper, a GPU job;
     1000 units measured ~2x the CPU time of 500), Adam 1e-4 (no weight decay, no
-    clipping), batch 256, learning rate /10 at 75 %; 4000 steps x 256 = 1.02M examples.
-    Measured 2026-12-01 on the 2-core CPU: 14.1 min wall, ~1100-1400 examples/s;
-    validation 9.82 -> 17.35 (1k steps) -> 19.30 (3k) -> 19.42 dB at step 4000 (+0.07 dB
-    over the last 20 %); test 18.42 dB (128 gradients), 18.74 dB on the 32 test patches
-    of ``experiments.compare_generators``: below the mean-colour oracle (19.10), 3.1 dB
-    below lenet_coarse.
+    clipping), batch 256, learning rate /10 at 75 %; 6750 steps x 256 = 1.73M examples.
+    Measured 2026-12-01 on the 2-core CPU (the VM ran ~1.4x slower than earlier that day):
+    28.2 min wall, ~950-1150 examples/s; validation 9.82 -> 17.35 (1k steps) -> 19.42 (3.25k)
+    -> 20.26 dB at step 6750 (+0.07 dB over the last 20 %); test 19.16 dB (128 gradients),
+    19.47 dB on the 32 test patches of ``experiments.compare_generators``: 0.4 dB above the
+    mean-colour oracle (19.10), 2.8 dB below lenet_coarse.
     """
     from gitjax.generators.lti import CPU_HIDDEN, paper_config
 
@@ -466,7 +466,8 @@ def lenet_noise() -> TrainConfig:
     The matched prior for Gaussian gradient noise of std 1e-2: lenet_coarse (``init_from=
     "runs/lenet_coarse"``, train that first) fine-tuned 2000 steps x 64 with noise on every
     gradient, std on 16 levels over [0.5x, 2x] the tested one ([5e-3, 2e-2]).
-    Measured 2026-12-01, 2-core CPU: 3.9 min including evaluation; at std 1e-2 on the 32 test
+    Measured 2026-12-01, 2-core CPU, from the 16000-step form of lenet_coarse (not rerun with
+    27000): 3.9 min including evaluation; at std 1e-2 on the 32 test
     patches one-shot 17.69 dB, GIT+IG(200) 17.86 dB, IG(200) 15.71 dB (``python -m
     experiments.robust_check --prior matched=runs/lenet_noise/checkpoints --conditions noise-1e-2``).
     """
@@ -514,7 +515,8 @@ def lenet_robust() -> TrainConfig:
     checks: half of the gradients get Gaussian noise (absolute std on a 1e-3 grid over
     [0, 2e-2]), half top-k pruning (ratio on a 0.005 grid over [0.8, 0.995]), so the tested
     levels (std 1e-3 and 1e-2; 90 % and 99 %) lie inside the trained ranges; 1500 steps x
-    64 = 96k streamed examples at lr 3e-4. Time and PSNR: docs/results.md (robustness).
+    64 = 96k streamed examples at lr 3e-4. Time and PSNR: docs/results.md (robustness),
+    measured with the 16000-step form of lenet_coarse as the base (not rerun with 27000).
     """
     return dataclasses.replace(
         lenet_coarse(), init_from="runs/lenet_coarse", steps=1500, lr=3e-4, warmup=50,
