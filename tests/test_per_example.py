@@ -5,7 +5,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from gitjax.leakage import (data_mesh, leaked_group_grads, make_loss, per_example_grads,

@@ -21,7 +21,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from gitjax.study.execute import (METHODS, PRIOR_DIR, _PRIOR_DONE, Method, PriorCache, attack_config, execute,
                                   prior_config, prior_dir, prior_key, read_record, run_path, run_runs)
