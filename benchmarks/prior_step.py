@@ -68,15 +68,14 @@ def bench_prior_step(preset: str = "lenet_coarse", global_batch: int | None = No
     def leak(vp, x, y):
         return leak_gradients(victim, vp, vstate, x, y)
 
+    def generator_loss(p, grads_N, vp, x):
+        x_hat = generator.apply({"params": p}, grads_N, vp)
+        return config.mse_weight * jnp.mean(jnp.square(x_hat - x)) + config.tv_weight * total_variation(x_hat)
+
     @jax.jit
     def step(params, ema, opt_state, vp, x, y):
         grads_N = jax.lax.stop_gradient(leak_gradients(victim, vp, vstate, x, y))
-
-        def loss_fn(p):
-            x_hat = generator.apply({"params": p}, grads_N, vp)
-            return config.mse_weight * jnp.mean(jnp.square(x_hat - x)) + config.tv_weight * total_variation(x_hat)
-
-        loss, g = jax.value_and_grad(loss_fn)(params)
+        loss, g = jax.value_and_grad(generator_loss)(params, grads_N, vp, x)
         updates, opt_state = tx.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
         ema = jax.tree_util.tree_map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p, ema, params)
@@ -86,11 +85,7 @@ def bench_prior_step(preset: str = "lenet_coarse", global_batch: int | None = No
     def generator_update(params, opt_state, grads_N, vp, x):
         # The other part a step cannot skip: the generator's forward + backward and the update,
         # on gradients leaked beforehand.
-        def loss_fn(p):
-            x_hat = generator.apply({"params": p}, grads_N, vp)
-            return config.mse_weight * jnp.mean(jnp.square(x_hat - x)) + config.tv_weight * total_variation(x_hat)
-
-        g = jax.grad(loss_fn)(params)
+        g = jax.grad(generator_loss)(params, grads_N, vp, x)
         updates, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
