@@ -79,6 +79,33 @@ def cosine_distance(g: Grads, t: Grads, weights: Grads | None = None) -> Array:
 
 DISTANCES: dict[str, Distance] = {"l2": l2_distance, "cosine": cosine_distance}
 
+
+def pruned_support(target: Grads, above: float) -> Grads | None:
+    """Per leaf: 1.0 where the leaked entry is nonzero if more than ``above`` of that leaf's
+    entries are exactly zero (a top-k pruned layer), else 1.0 everywhere; None when
+    ``above`` <= 0 (off). Traceable: the decision is made per leaf inside jit.
+
+    A pruned gradient's zeros say "not sent", not "zero": matching a dummy gradient against
+    them pulls the reconstruction toward images whose gradient vanishes there, and scoring
+    iterates by that distance prefers them over a better start. Clean gradients have few
+    exact zeros (a ReLU net's dense layer at B = 1 up to ~75 %), so the threshold sits
+    above that and below the usual pruning ratios (>= 90 %).
+    """
+    if above <= 0:
+        return None
+
+    def leaf(t: Array) -> Array:
+        nonzero = (t != 0).astype(t.dtype)
+        pruned = 1.0 - jnp.mean(nonzero) > above
+        return jnp.where(pruned, nonzero, jnp.ones_like(t))
+
+    return jax.tree_util.tree_map(leaf, target)
+
+
+def on_support(g: Grads, mask: Grads | None) -> Grads:
+    """``g`` with the entries outside ``mask`` zeroed (``g`` itself when mask is None)."""
+    return g if mask is None else jax.tree_util.tree_map(jnp.multiply, g, mask)
+
 # ----------------------------------------------------------------------------- image regularisers
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gitjax.layout import GradientLayout
-from gitjax.losses import (DISTANCES, cosine_distance, image_regularisers, l2_distance, layer_weights, prior_penalty,
-                           total_variation)
+from gitjax.losses import (DISTANCES, cosine_distance, image_regularisers, l2_distance, layer_weights, on_support,
+                           prior_penalty, pruned_support, total_variation)
 
 G = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}, "b": {"kernel": -jnp.ones((3, 2))}}
 
@@ -66,3 +66,20 @@ def test_image_regularisers_add_the_weighted_terms():
     ws = jnp.array([0.0, 1.0])
     vals = jax.vmap(lambda w: image_regularisers(w)(x))(ws)
     np.testing.assert_allclose(np.asarray(vals), [0.0, float(total_variation(x))], rtol=1e-6)
+
+
+def test_pruned_support_masks_only_pruned_layers():
+    # One leaf with 95 % exact zeros (top-k pruned), one with 50 % (a clean ReLU layer can be
+    # that sparse): only the first is matched on its support.
+    pruned = jnp.zeros(100).at[jnp.arange(5)].set(jnp.arange(1.0, 6.0))
+    relu_like = jnp.where(jnp.arange(10) % 2 == 0, 1.0, 0.0)
+    t = {"a": pruned, "b": relu_like}
+    mask = pruned_support(t, 0.85)
+    np.testing.assert_array_equal(np.asarray(mask["a"]), np.asarray(pruned != 0, np.float32))
+    np.testing.assert_array_equal(np.asarray(mask["b"]), np.ones(10, np.float32))
+    assert pruned_support(t, 0.0) is None and on_support(t, None) is t
+    # A dummy gradient equal to the target on the support is at distance 0 there, not outside it.
+    g = {"a": pruned + 0.3 * (pruned == 0), "b": relu_like}
+    assert float(cosine_distance(on_support(g, mask), t)) < 1e-6 < float(cosine_distance(g, t))
+    jitted = jax.jit(lambda t: pruned_support(t, 0.85))(t)  # the per-leaf decision traces
+    np.testing.assert_array_equal(np.asarray(jitted["a"]), np.asarray(mask["a"]))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from gitjax.attacks import ig
 from gitjax.attacks.base import AttackProblem
@@ -18,6 +19,7 @@ from gitjax.attacks.batched import batched_attack
 from gitjax.attacks.git import GITConfig, config_for, refine_setup
 from gitjax.attacks.iterative import start_step_size
 from gitjax.data import load_dataset
+from gitjax.defenses import topk_prune
 from gitjax.leakage import batch_grad as _batch_grad
 from gitjax.metrics import batch_psnr
 from gitjax.refine import best_of_restarts, ig_optimizer, refine
@@ -96,6 +98,23 @@ def test_perfect_start_is_kept():
         assert psnr(res.images, x) >= 60.0, (i, psnr(res.images, x))
 
 
+def test_start_is_kept_under_pruning_when_matched_on_the_support():
+    # 90 % top-k pruning per layer: the truth explains every entry that was sent, so matched on
+    # the support it is a perfect start (distance at float32 resolution) and is kept; matched
+    # against the zeros too, its distance is that of the pruned mass, no better than others'.
+    prune = topk_prune(0.9)
+    for i in IMAGES:
+        problem, x = _problem(i)
+        problem = dataclasses.replace(problem, grads=prune(jax.random.key(0), problem.grads))
+        res = ig.run(problem, jax.random.key(i), CFG, x_init=x)
+        assert res.info["restart_index"] == CFG.restarts - 1 and res.info["grad_distance"] < 1e-6
+        assert psnr(res.images, x) >= 60.0
+        off = ig.run(problem, jax.random.key(i), dataclasses.replace(CFG, support_above=0.0), x_init=x)
+        print(f"image {i}: truth's distance on the support {res.info['grad_distance']:.1e}, "
+              f"on every entry {off.info['grad_distance']:.1e}")
+        assert off.info["grad_distance"] > 1e-4
+
+
 def test_poor_start_is_bettered_and_good_start_refined():
     # Poor start: another image (measured ~10 dB). A good start: the truth + noise (~20 dB).
     # Means over 3 images; measured PSNR gains are noted in the asserts' margins.
@@ -124,11 +143,14 @@ def test_git_refinement_config():
     assert cfg.restarts == 1
 
 
-def test_stacked_batched_equals_single_with_a_start():
+@pytest.mark.parametrize("pruned", [False, True])
+def test_stacked_batched_equals_single_with_a_start(pruned):
     v, params, state, xs, ys = _setup()
     idx = np.asarray(IMAGES)
     x_NxB, y_NxB = xs[idx][:, None], ys[idx][:, None]
     g_N = jax.vmap(lambda x, y: _batch_grad(v, params, state, x, y))(x_NxB, y_NxB)
+    if pruned:  # both paths match the pruned layers on their support
+        g_N = jax.vmap(lambda g: topk_prune(0.9)(jax.random.key(0), g))(g_N)
     x_init_N = jnp.clip(x_NxB + 0.1 * jax.random.normal(jax.random.key(5), x_NxB.shape), 0.0, 1.0)
     cfg = dataclasses.replace(CFG, steps=20)
     key = jax.random.key(4)

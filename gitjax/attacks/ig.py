@@ -55,6 +55,9 @@ class IGConfig:
         Measured on 16 LeNet patches of the train split with the shipped Exact-GIT prior
         (starts at 43-65 dB): without it the best-by-distance pick lost up to 15 dB on some
         images; with it GIT+IG equals GIT one-shot there.
+      support_above: match only the nonzero entries of a leaked layer more than this
+        fraction of whose entries are exactly zero (top-k pruning; ``losses.pruned_support``);
+        the objective and the choice of the best iterate both use it. 0 turns it off.
     """
 
     steps: int = 1000
@@ -69,12 +72,15 @@ class IGConfig:
     record_every: int = 10
     start_lr: float = 0.0
     start_resolved: float = 1e-6
+    support_above: float = 0.85
 
     def __post_init__(self):
         if self.init not in INITS:
             raise GitjaxError(f"IG init must be one of {INITS}, got {self.init!r}")
         if self.layer_weights not in LAYER_WEIGHTS:
             raise GitjaxError(f"IG layer_weights must be one of {LAYER_WEIGHTS}, got {self.layer_weights!r}")
+        if not 0.0 <= self.support_above < 1.0:
+            raise GitjaxError(f"IG support_above must be in [0, 1), got {self.support_above}")
         if self.steps < 1 or self.restarts < 1:
             raise GitjaxError(f"steps and restarts must be >= 1, got {self.steps}, {self.restarts}")
 

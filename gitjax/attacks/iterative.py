@@ -26,7 +26,7 @@ from gitjax.attacks.labels import estimate_mean_probs, recover_labels
 from gitjax.layout import GradientLayout
 from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
-from gitjax.losses import ExtraLoss, image_regularisers
+from gitjax.losses import ExtraLoss, image_regularisers, on_support, pruned_support
 from gitjax.metrics import batch_psnr
 from gitjax.refine import best_of_restarts, ig_optimizer, init_images, refine
 from gitjax.types import Array, GitjaxError, Grads, InputShapeError, ModelState, Params, PRNGKey
@@ -88,7 +88,8 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     """Gradient matching with signed Adam and restarts (pure; jit with victim, config, match static).
 
     ``config`` needs: steps, lr, signed, lr_decay, restarts, init, tv_weight, prior_weight,
-    record_every, and optionally start_lr (> 0: fixed step for the run from ``x_init``;
+    record_every, and optionally support_above (match a pruned layer on its nonzero entries),
+    start_lr (> 0: fixed step for the run from ``x_init``;
     0: ``start_step_size``; absent: config.lr) and start_resolved (> 0: an ``x_init`` whose
     gradient distance is at most this is returned unchanged).
 
@@ -100,9 +101,10 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     labels = labels_or_recovered(victim, params, state, target_grads, labels, b, k_lab)
     y_BxK = as_probs(labels, victim.num_classes)
     reg = image_regularisers(config.tv_weight, config.prior_weight, x_prior, extra_loss)
+    support = pruned_support(target_grads, getattr(config, "support_above", 0.0))
 
     def distance(x_BxHxWxC: Array) -> Array:
-        return match(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), target_grads)
+        return match(on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support), target_grads)
 
     def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
         d = distance(x_BxHxWxC)
