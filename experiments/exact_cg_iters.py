@@ -6,7 +6,10 @@ gradients of the ``patches`` split (images drawn with ``--seed``, as compare_gen
 draws them), one-shot:
 
     python -m experiments.exact_cg_iters --checkpoint gitjax/priors/lenet_exact --iters 256 512 1024 \\
-        [--split test] [--num-images 32] [--seed 0]
+        [--split test] [--num-images 32] [--seed 0] [--noise-std 1e-3]
+
+With ``--noise-std`` the leaked gradients carry Gaussian noise of that absolute std (the
+``gaussian`` defence): CG run to convergence fits the noise, fewer steps regularise.
 
 Prints one JSON line per K: PSNR, SSIM, seconds (compilation included) and the oracle rows.
 """
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--split", default="test")
     ap.add_argument("--num-images", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise on the leaked gradients")
     args = ap.parse_args(argv)
     prior = load_prior(args.checkpoint)
     if prior.config is None or prior.config.generator.kind != "exact":
@@ -43,11 +47,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for k in args.iters:
         att = attacker_from_prior(prior.with_generator_config(exact_cg_iters=k))
-        grads_N = leak(vic, att.params, att.state, x_Nx1, y_Nx1, jax.random.key(args.seed))
+        noise = {"defense": "gaussian", "defense_args": {"std": args.noise_std}} if args.noise_std > 0 else {}
+        grads_N = leak(vic, att.params, att.state, x_Nx1, y_Nx1, jax.random.key(args.seed), **noise)
         t0 = time.perf_counter()
         rec = reconstruct("git", att, grads_N, jax.random.key(0), batch_size=1)
         sc = score(rec.images, x_Nx1, mean_image=att.mean_image)
-        row = {"cg_iters": k, "split": args.split, "n": args.num_images, "psnr": round(sc["psnr"], 2),
+        row = {"cg_iters": k, "noise_std": args.noise_std, "split": args.split, "n": args.num_images, "psnr": round(sc["psnr"], 2),
                "ssim": round(sc["ssim"], 3), "seconds": round(time.perf_counter() - t0, 1),
                "oracles": {o["method"]: round(o["psnr"], 2) for o in sc["oracles"]}}
         print(json.dumps(row), flush=True)

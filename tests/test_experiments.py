@@ -59,3 +59,18 @@ def test_robust_check_writes_one_column_per_condition_and_the_gain_row(exact_mlp
     # Exact-GIT inverts the clean gradient; 3 IG steps do not: the gain row says so.
     assert out["best_git_minus_ig"]["clean"] > 10.0
     assert "best GIT - IG" in (tmp_path / "table.md").read_text()
+
+
+def test_convergence_runs_git_ig_refinement_from_a_given_prior(exact_mlp_prior, tmp_path):
+    from experiments import convergence
+
+    assert convergence.main(["--checkpoint", exact_mlp_prior, "--steps", "6", "--record-every", "2",
+                             "--num-images", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["run"]: r for r in result["rows"]}
+    assert {"ig", "git-init", "git-reg", "git-both", "git one-shot"} | ORACLES == set(rows)
+    assert all(r["victim"] == "mlp" and r["prior"] == "exact" for r in rows.values())
+    # git-init is GIT+IG's refinement: an exact start is kept, so it ends where GIT one-shot is.
+    assert rows["git-init"]["final_psnr"] >= rows["git one-shot"]["final_psnr"] - 0.2
+    assert rows["git-init"]["final_psnr"] > rows["ig"]["final_psnr"] + 10.0
+    assert list(result["curves"]) == ["mlp/exact"] and (tmp_path / "convergence_mlp_exact.png").exists()
