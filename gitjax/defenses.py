@@ -145,15 +145,41 @@ def dp_sgd(clip_norm: float, noise_multiplier: float) -> Transform:
 # ----------------------------------------------------------------------------- compression
 
 
+def _kth_smallest_bits(u_n: Array, k: int, bits: int) -> Array:
+    """The k-th smallest (1-based) of the non-negative integers ``u_n`` < 2**bits: a bisection
+    on the value, ``bits`` passes of compare-and-count (no sort)."""
+
+    def body(_, lo_hi):
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(u_n <= mid) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    zero = jnp.zeros((), u_n.dtype)
+    lo, _ = jax.lax.fori_loop(0, bits, body, (zero, zero + (2**bits - 1)))
+    return lo
+
+
 def _zero_smallest(flat_abs: Array, flat: Array, ratio: float) -> Array:
-    """Zeroes the round(ratio * n) entries of ``flat`` with the smallest |value| (ties by index)."""
+    """Zeroes the round(ratio * n) entries of ``flat`` with the smallest |value| (ties by index).
+
+    The same entries as a stable argsort's first k, found by selecting the k-th smallest
+    magnitude on its IEEE bit pattern (monotone for values >= 0) instead of sorting:
+    XLA:CPU's sort made top-k pruning ~14x slower (64 LeNet gradients: 347 vs 25 ms), and
+    prior training prunes every step.
+    """
     n = flat.shape[0]
     k = int(round(ratio * n))
     if k == 0:
         return flat
-    # argsort is stable, so ties are broken by position and exactly k entries are dropped.
-    drop = jnp.argsort(flat_abs)[:k]
-    return flat.at[drop].set(0)
+    wide = flat_abs.dtype == jnp.float64
+    a = flat_abs if wide else flat_abs.astype(jnp.float32)  # exact for f16/bf16
+    u = jax.lax.bitcast_convert_type(a, jnp.int64 if wide else jnp.int32)
+    v = _kth_smallest_bits(u, k, 63 if wide else 31)
+    below, tie = u < v, u == v
+    # Of the entries equal to the k-th value, the first ones by position make up the count.
+    drop = below | (tie & (jnp.cumsum(tie) <= k - jnp.sum(below)))
+    return jnp.where(drop, jnp.zeros_like(flat), flat)
 
 
 def topk_prune(ratio: float, per_layer: bool = True) -> Transform:

@@ -141,6 +141,23 @@ def test_prune_per_layer(ratio):
             assert np.abs(a[~zeros]).min() >= np.abs(a[zeros]).max()  # kept = the largest
 
 
+@pytest.mark.parametrize("ratio", [0.3, 0.9, 0.995])
+def test_prune_drops_the_same_entries_as_a_stable_sort(ratio):
+    # Ties (repeated magnitudes, zeros, +-x) are broken by position, as a stable argsort does;
+    # under jit and vmap (the trainer prunes N gradients per step).
+    rng = np.random.default_rng(1)
+    x_Nxn = rng.normal(size=(3, 1000)).astype(np.float32)
+    x_Nxn[:, rng.integers(0, 1000, 300)] = 0.25
+    x_Nxn[:, rng.integers(0, 1000, 100)] = -0.25
+    x_Nxn[:, :50] = 0.0
+    k = int(round(ratio * 1000))
+    want = x_Nxn.copy()
+    for row in want:
+        row[np.argsort(np.abs(row), kind="stable")[:k]] = 0.0
+    got = jax.jit(jax.vmap(lambda v: topk_prune(ratio)(KEY, {"w": v})["w"]))(jnp.asarray(x_Nxn))
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_prune_global():
     g = _grads()  # the bias leaf is 10x smaller than the kernels
     out = topk_prune(0.5, per_layer=False)(KEY, g)
