@@ -83,7 +83,7 @@ def run_prior(workdir: str | Path, args: argparse.Namespace, out: Path) -> tuple
         "ig": (base, {}),
         "git-init": (init_cfg, {"x_init_N": x_git_N}),
         "git-reg": (dataclasses.replace(base, prior_weight=args.prior_weight), {"x_prior_N": x_git_N}),
-        "git-both": (dataclasses.replace(base, lr=args.prior_lr, prior_weight=args.prior_weight),
+        "git-both": (dataclasses.replace(init_cfg, prior_weight=args.prior_weight),
                      {"x_init_N": x_git_N, "x_prior_N": x_git_N}),
     }
     curves, finals, secs = {}, {}, {}

@@ -73,4 +73,5 @@ def test_convergence_runs_git_ig_refinement_from_a_given_prior(exact_mlp_prior, 
     # git-init is GIT+IG's refinement: an exact start is kept, so it ends where GIT one-shot is.
     assert rows["git-init"]["final_psnr"] >= rows["git one-shot"]["final_psnr"] - 0.2
     assert rows["git-init"]["final_psnr"] > rows["ig"]["final_psnr"] + 10.0
+    assert rows["git-both"]["final_psnr"] > rows["ig"]["final_psnr"] + 10.0  # the same start, plus the pull to it
     assert list(result["curves"]) == ["mlp/exact"] and (tmp_path / "convergence_mlp_exact.png").exists()
