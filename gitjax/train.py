@@ -22,7 +22,9 @@ Each step:
      warmup-cosine and global-norm clipping, and keeps an EMA of G's params.
 
 Evaluation: the EMA generator on fixed validation pairs (held-out train photographs,
-gitjax.data.split_validation) every ``eval_every`` steps; the step with the best
+gitjax.data.split_validation) every ``eval_every`` steps, their gradients perturbed like the
+training ones when the run has ``perturbations`` (one fixed draw per held-out gradient, so a
+fine-tune under a defence is scored on what it trains for); the step with the best
 validation PSNR is also saved to ``workdir/best/`` (``best.json`` names it, and
 ``load_prior`` loads it by default); the test split is evaluated at step 0 and at the
 end only (final EMA params and best params: ``test_*`` and ``best_test_*``).

@@ -184,6 +184,9 @@ class CompiledStep:
     abstract_state: Any
 
 
+EVAL_AUGMENT_SEED = 0xE7A5  # the held-out gradients' augmentation draws (fixed for a run)
+
+
 def _make_fns(config: TrainConfig, victim: Victim, generator: nn.Module, abstract_victim_params: Params,
               mesh: Mesh | None = None):
     tx = make_optimizer(config)
@@ -231,6 +234,15 @@ def _make_fns(config: TrainConfig, victim: Victim, generator: nn.Module, abstrac
     def eval_step(ema_params: Params, victim_params: Params, victim_state: ModelState,
                   x_NxBxHxWxC: Array, y_NxB: Array) -> dict[str, Array]:
         grads_N = leak_gradients(victim, victim_params, victim_state, x_NxBxHxWxC, y_NxB, mesh)
+        if augment is not None:
+            # Score what the run trains for: a fine-tune under a defence trades clean quality
+            # away, so clean held-out gradients would pick its start as the best checkpoint.
+            # Each held-out gradient gets its own draw of the augmentation (level included),
+            # from a fixed key: the same draws at every evaluation, so evaluations compare.
+            keys_N = jax.random.split(jax.random.PRNGKey(EVAL_AUGMENT_SEED), x_NxBxHxWxC.shape[0])
+            one = lambda k, g: jax.tree_util.tree_map(lambda a: a[0], augment(
+                k, jax.tree_util.tree_map(lambda a: a[None], g)))
+            grads_N = jax.vmap(one)(keys_N, grads_N)
         x_hat = jnp.clip(generator.apply({"params": ema_params}, grads_N, victim_params), 0.0, 1.0)
         return {"loss": jnp.mean(jnp.square(x_hat - x_NxBxHxWxC)),
                 "psnr": jnp.mean(psnr(x_hat.reshape(-1, *x_hat.shape[2:]),

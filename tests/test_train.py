@@ -259,8 +259,9 @@ def test_resume_with_another_config_is_a_clear_error(straight, tmp_path):
 def test_init_from_starts_where_the_prior_ended_and_refuses_another_model(straight, tmp_path):
     """init_from (a fine-tune): step 0 evaluates the source prior's best params on its victim copy."""
     src = straight.workdir
+    # std 0: an augmentation that changes nothing, so step 0 scores exactly the source prior.
     tune = TINY.replace(init_from=str(src), steps=2, warmup=1, eval_every=1, perturbations=(
-        perturb("gaussian", std=(0.0, 1e-2), prob=0.5),))
+        perturb("gaussian", std=0.0, prob=0.5),))
     res = train_prior(tune, tmp_path / "tune", progress=False)
     step0 = next(r for r in res.history if r["step"] == 0 and "val_loss" in r)
     best = json.loads((src / BEST_FILE).read_text())
@@ -271,6 +272,21 @@ def test_init_from_starts_where_the_prior_ended_and_refuses_another_model(straig
     other = TINY.replace(init_from=str(src), victim_kwargs=(("widths", (16,)),))
     with pytest.raises(ConfigError, match="init_from.*another model.*victim_kwargs"):
         train_prior(other, tmp_path / "other", progress=False)
+
+
+def test_a_fine_tune_is_validated_under_its_augmentation(straight, tmp_path):
+    """With perturbations the held-out gradients are perturbed like the training ones (fixed
+    draws): step 0 of a noisy fine-tune scores the source prior worse than on clean gradients,
+    and the same on every evaluation of the same params."""
+    best = json.loads((straight.workdir / BEST_FILE).read_text())
+    losses = []
+    for name in ("a", "b"):
+        tune = TINY.replace(init_from=str(straight.workdir), steps=1, warmup=0, eval_every=1,
+                            perturbations=(perturb("gaussian", std=(0.5, 1.0), prob=1.0),))
+        res = train_prior(tune, tmp_path / name, progress=False)
+        losses.append(next(r for r in res.history if r["step"] == 0 and "val_loss" in r)["val_loss"])
+    assert losses[0] == losses[1]
+    assert losses[0] > 1.2 * best["val_loss"], (losses[0], best["val_loss"])
 
 
 # ----------------------------------------------------------------------------- configs
