@@ -9,7 +9,7 @@ configs. Each table carries the oracle rows of its images.
 
     python -m experiments.robust_check --prior robust=runs/lenet_robust --prior exact=gitjax/priors/lenet_exact \\
         [--num-images 32] [--steps 200] [--conditions clean,noise-1e-3,noise-1e-2,prune-0.9,prune-0.99] \\
-        [--out outputs/robust_check]
+        [--out outputs/robust_check] [--split train] [--ig-support bound|mask|off]
 
 Writes ``results.json`` and ``table.md`` (methods as rows, conditions as columns, PSNR dB).
 The "Done means" check of issue 10: the best GIT method >= IG + 2 dB at every defended condition.
@@ -18,6 +18,7 @@ The "Done means" check of issue 10: the best GIT method >= IG + 2 dB at every de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -39,6 +40,25 @@ CONDITIONS: dict[str, tuple[str, dict[str, float]]] = {
 }
 
 
+# IGConfig fields for --ig-support: match the unsent entries' bound, ignore them, or match them as zeros.
+SUPPORT: dict[str, dict[str, object]] = {
+    "bound": {"support_bound": True},
+    "mask": {"support_bound": False},
+    "off": {"support_above": 0.0},
+}
+
+
+def with_ig_support(cfg, mode: str):
+    """``cfg`` (IG's, or GIT's with an IG refinement) with the --ig-support fields set."""
+    fields = SUPPORT[mode]
+    if hasattr(cfg, "support_above"):
+        return dataclasses.replace(cfg, **fields)
+    sub = getattr(cfg, "refine_config", None)
+    if sub is not None and hasattr(sub, "support_above"):
+        return dataclasses.replace(cfg, refine_config=dataclasses.replace(sub, **fields))
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", action="append", required=True, metavar="NAME=DIR",
@@ -47,6 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=200, help="IG iterations, and GIT+IG's refinement")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--split", default="test", help="patches split the images come from (tune on train)")
+    ap.add_argument("--ig-support", default="bound", choices=tuple(SUPPORT),
+                    help="how IG (alone and in GIT+IG) treats a pruned gradient's unsent entries")
     ap.add_argument("--out", default="outputs/robust_check")
     args = ap.parse_args(argv)
     conditions = [c for c in args.conditions.split(",") if c]
@@ -65,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the priors attack different victims {sorted(victims)}; give priors of one victim")
     first = next(iter(priors.values()))[1]
     vic = first.victim
-    test = load_dataset("patches", "test", image_size=vic.input_shape[0], channels=vic.input_shape[2])
+    test = load_dataset("patches", args.split, image_size=vic.input_shape[0], channels=vic.input_shape[2])
     idx = np.random.default_rng(args.seed).choice(len(test), args.num_images, replace=False)
     x_Nx1, y_Nx1 = test.images[idx][:, None], np.asarray(test.labels[idx], np.int32)[:, None] % vic.num_classes
     key = jax.random.key(args.seed)
@@ -80,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         defense, dargs = CONDITIONS[cond]
         for label, method, att, workdir in jobs:
             t0 = time.perf_counter()
-            cfg = method_config(method, checkpoint=workdir, steps=args.steps)
+            cfg = with_ig_support(method_config(method, checkpoint=workdir, steps=args.steps), args.ig_support)
             res = run_pipeline(method, att, x_Nx1, y_Nx1, key, config=cfg, defense=defense, defense_args=dargs)
             table.setdefault(label, {})[cond] = round(float(res.scores["psnr"]), 2)
             seconds[f"{label} / {cond}"] = round(time.perf_counter() - t0, 1)

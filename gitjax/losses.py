@@ -17,7 +17,7 @@ All are pure and jit/vmap/grad-friendly.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,31 +80,56 @@ def cosine_distance(g: Grads, t: Grads, weights: Grads | None = None) -> Array:
 DISTANCES: dict[str, Distance] = {"l2": l2_distance, "cosine": cosine_distance}
 
 
-def pruned_support(target: Grads, above: float) -> Grads | None:
-    """Per leaf: 1.0 where the leaked entry is nonzero if more than ``above`` of that leaf's
-    entries are exactly zero (a top-k pruned layer), else 1.0 everywhere; None when
-    ``above`` <= 0 (off). Traceable: the decision is made per leaf inside jit.
+class Support(NamedTuple):
+    """What a top-k pruned leaked gradient says beyond its values, per leaf: ``mask`` is 1.0
+    where an entry was sent (all ones for a leaf that was not pruned) and ``bound`` the
+    smallest sent magnitude: every entry that was not sent was at most that large."""
 
-    A pruned gradient's zeros say "not sent", not "zero": matching a dummy gradient against
-    them pulls the reconstruction toward images whose gradient vanishes there, and scoring
-    iterates by that distance prefers them over a better start. Clean gradients have few
-    exact zeros (a ReLU net's dense layer at B = 1 up to ~75 %), so the threshold sits
-    above that and below the usual pruning ratios (>= 90 %).
+    mask: Grads
+    bound: Grads
+
+
+def pruned_support(target: Grads, above: float) -> Support | None:
+    """The support of a pruned gradient: a leaf more than ``above`` of whose entries are exactly
+    zero is taken as top-k pruned. None when ``above`` <= 0 (off). Traceable: the decision is
+    made per leaf inside jit.
+
+    A pruned gradient's zeros say "not sent, and small", not "zero": matching a dummy gradient
+    against them pulls the reconstruction toward images whose gradient vanishes there, and
+    scoring iterates by that distance prefers them over a better start. Clean gradients have
+    few exact zeros (a ReLU net's dense layer at B = 1 up to ~75 %), so the threshold sits above
+    that and below the usual pruning ratios (>= 90 %).
     """
     if above <= 0:
         return None
 
-    def leaf(t: Array) -> Array:
-        nonzero = (t != 0).astype(t.dtype)
-        pruned = 1.0 - jnp.mean(nonzero) > above
-        return jnp.where(pruned, nonzero, jnp.ones_like(t))
+    def leaf(t: Array) -> tuple[Array, Array]:
+        sent = t != 0
+        pruned = 1.0 - jnp.mean(sent.astype(t.dtype)) > above
+        mask = jnp.where(pruned, sent.astype(t.dtype), jnp.ones_like(t))
+        smallest_sent = jnp.min(jnp.where(sent, jnp.abs(t), jnp.inf))
+        bound = jnp.where(pruned & jnp.isfinite(smallest_sent), smallest_sent, 0.0).astype(t.dtype)
+        return mask, jnp.reshape(bound, (1,) * t.ndim)  # broadcasts against the leaf (and under vmap)
 
-    return jax.tree_util.tree_map(leaf, target)
+    pairs = jax.tree_util.tree_map(leaf, target)
+    outer = jax.tree_util.tree_structure(target)
+    mask, bound = jax.tree_util.tree_transpose(outer, jax.tree_util.tree_structure((0, 0)), pairs)
+    return Support(mask, bound)
 
 
-def on_support(g: Grads, mask: Grads | None) -> Grads:
-    """``g`` with the entries outside ``mask`` zeroed (``g`` itself when mask is None)."""
-    return g if mask is None else jax.tree_util.tree_map(jnp.multiply, g, mask)
+def on_support(g: Grads, support: Support | None, use_bound: bool = True) -> Grads:
+    """``g`` as the pruned leak can judge it: sent entries unchanged; an entry that was not sent
+    keeps only its excess over the leaf's bound (``use_bound``; 0 when within it) or nothing
+    (``use_bound=False``). ``g`` itself when support is None."""
+    if support is None:
+        return g
+
+    def leaf(a: Array, m: Array, b: Array) -> Array:
+        off = a - jnp.clip(a, -b, b) if use_bound else jnp.zeros_like(a)
+        return m * a + (1.0 - m) * off
+
+    return jax.tree_util.tree_map(leaf, g, support.mask, support.bound)
+
 
 # ----------------------------------------------------------------------------- image regularisers
 

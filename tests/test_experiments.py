@@ -75,3 +75,15 @@ def test_convergence_runs_git_ig_refinement_from_a_given_prior(exact_mlp_prior, 
     assert rows["git-init"]["final_psnr"] > rows["ig"]["final_psnr"] + 10.0
     assert rows["git-both"]["final_psnr"] > rows["ig"]["final_psnr"] + 10.0  # the same start, plus the pull to it
     assert list(result["curves"]) == ["mlp/exact"] and (tmp_path / "convergence_mlp_exact.png").exists()
+
+
+def test_robust_check_ig_support_modes_reach_ig_and_the_refinement():
+    from experiments.robust_check import with_ig_support
+    from gitjax.pipeline import method_config
+
+    ig = with_ig_support(method_config("ig", steps=5), "off")
+    assert ig.support_above == 0.0 and ig.steps == 5
+    ref = with_ig_support(method_config("git+ig", checkpoint="ckpt", steps=5), "mask").refine_config
+    assert ref.support_bound is False and ref.support_above > 0 and ref.steps == 5
+    git = method_config("git", checkpoint="ckpt")
+    assert with_ig_support(git, "off") == git  # one-shot GIT has no matching to change

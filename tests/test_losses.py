@@ -74,12 +74,18 @@ def test_pruned_support_masks_only_pruned_layers():
     pruned = jnp.zeros(100).at[jnp.arange(5)].set(jnp.arange(1.0, 6.0))
     relu_like = jnp.where(jnp.arange(10) % 2 == 0, 1.0, 0.0)
     t = {"a": pruned, "b": relu_like}
-    mask = pruned_support(t, 0.85)
-    np.testing.assert_array_equal(np.asarray(mask["a"]), np.asarray(pruned != 0, np.float32))
-    np.testing.assert_array_equal(np.asarray(mask["b"]), np.ones(10, np.float32))
+    support = pruned_support(t, 0.85)
+    np.testing.assert_array_equal(np.asarray(support.mask["a"]), np.asarray(pruned != 0, np.float32))
+    np.testing.assert_array_equal(np.asarray(support.mask["b"]), np.ones(10, np.float32))
+    assert float(support.bound["a"][0]) == 1.0 and float(support.bound["b"][0]) == 0.0  # smallest sent |value|
     assert pruned_support(t, 0.0) is None and on_support(t, None) is t
-    # A dummy gradient equal to the target on the support is at distance 0 there, not outside it.
-    g = {"a": pruned + 0.3 * (pruned == 0), "b": relu_like}
-    assert float(cosine_distance(on_support(g, mask), t)) < 1e-6 < float(cosine_distance(g, t))
+    # A dummy gradient equal to the target where it was sent and within the bound elsewhere
+    # explains the leak; one that exceeds the bound where nothing was sent does not (unless
+    # the bound is ignored).
+    within = {"a": pruned + 0.3 * (pruned == 0), "b": relu_like}
+    beyond = {"a": pruned + 3.0 * (pruned == 0), "b": relu_like}
+    assert float(cosine_distance(on_support(within, support), t)) < 1e-6 < float(cosine_distance(within, t))
+    assert float(cosine_distance(on_support(beyond, support), t)) > 0.1
+    assert float(cosine_distance(on_support(beyond, support, use_bound=False), t)) < 1e-6
     jitted = jax.jit(lambda t: pruned_support(t, 0.85))(t)  # the per-leaf decision traces
-    np.testing.assert_array_equal(np.asarray(jitted["a"]), np.asarray(mask["a"]))
+    np.testing.assert_array_equal(np.asarray(jitted.mask["a"]), np.asarray(support.mask["a"]))

@@ -100,7 +100,7 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     support_M = jax.vmap(lambda t: pruned_support(t, above))(t_M) if above > 0 else None
 
     def distances(x_M: Array) -> Array:
-        g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M)
+        g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M, getattr(config, "support_bound", True))
         return jax.vmap(lambda g, t: cosine_distance(g, t, weights))(g_M, t_M)
 
     if x_init_N is not None:

@@ -58,6 +58,8 @@ class IGConfig:
       support_above: match only the nonzero entries of a leaked layer more than this
         fraction of whose entries are exactly zero (top-k pruning; ``losses.pruned_support``);
         the objective and the choice of the best iterate both use it. 0 turns it off.
+      support_bound: off that support, penalise only what exceeds the smallest sent
+        magnitude (top-k drops only entries at most that large); False ignores them.
     """
 
     steps: int = 1000
@@ -73,6 +75,7 @@ class IGConfig:
     start_lr: float = 0.0
     start_resolved: float = 1e-6
     support_above: float = 0.85
+    support_bound: bool = True
 
     def __post_init__(self):
         if self.init not in INITS:

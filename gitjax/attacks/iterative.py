@@ -104,7 +104,8 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     support = pruned_support(target_grads, getattr(config, "support_above", 0.0))
 
     def distance(x_BxHxWxC: Array) -> Array:
-        return match(on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support), target_grads)
+        g = batch_grad(victim, params, state, x_BxHxWxC, y_BxK)
+        return match(on_support(g, support, getattr(config, "support_bound", True)), target_grads)
 
     def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
         d = distance(x_BxHxWxC)
