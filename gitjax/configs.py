@@ -466,12 +466,11 @@ def lenet_noise() -> TrainConfig:
     The matched prior for Gaussian gradient noise of std 1e-2: lenet_coarse (``init_from=
     "runs/lenet_coarse"``, train that first) fine-tuned 2000 steps x 64 with noise on every
     gradient, std on 16 levels over [0.5x, 2x] the tested one ([5e-3, 2e-2]).
-    Measured 2026-12-01, 2-core CPU, from the 27000-step lenet_coarse: 6.0 min wall including
-    evaluation (clean validation 22.85 -> 18.26 dB: it trades clean quality for robustness; use
-    the last checkpoint, ``runs/lenet_noise/checkpoints``); at std 1e-2 on the 32 test patches
-    one-shot 17.61 dB, GIT+IG(200) 17.62 dB, IG(200) 15.71 dB: +1.91 dB (``python -m
-    experiments.robust_check --prior matched=runs/lenet_noise/checkpoints --conditions noise-1e-2``;
-    from the 16000-step base: 17.69 / 17.86 dB, +2.15).
+    Measured 2026-12-01, 2-core CPU, from the 27000-step lenet_coarse: 5.2 min wall; validation
+    under the same noise 12.80 -> 17.44 dB (best at the last step, +0.06 over the last 25 %); at
+    std 1e-2 on the 32 test patches one-shot 17.61 dB, GIT+IG(200) 17.62 dB, IG(200) 15.71 dB:
+    +1.91 dB (``python -m experiments.robust_check --prior matched=runs/lenet_noise --conditions
+    noise-1e-2``; from the 16000-step base: 17.69 / 17.86 dB, +2.15).
     """
     return dataclasses.replace(
         lenet_coarse(), init_from="runs/lenet_coarse", steps=2000, lr=3e-4, warmup=50,
@@ -518,10 +517,10 @@ def lenet_robust() -> TrainConfig:
     [0, 2e-2]), half top-k pruning (ratio on a 0.005 grid over [0.8, 0.995]), so the tested
     levels (std 1e-3 and 1e-2; 90 % and 99 %) lie inside the trained ranges; 1500 steps x
     64 = 96k streamed examples at lr 3e-4. Measured 2026-12-01 on the 2-core CPU from the
-    27000-step lenet_coarse: 4.8 min wall (380-470 examples/s); clean validation 22.85 ->
-    21.29 dB (use the last checkpoint, ``runs/lenet_robust/checkpoints``); on the 32 test
-    patches one-shot 19.67 / 16.46 / 17.81 / 15.53 dB at noise std 1e-3 / 1e-2 and pruning
-    90 / 99 % (IG(200): 20.55 / 15.71 / 17.02 / 5.78); docs/results.md has the table.
+    27000-step lenet_coarse: 6.0 min wall (4.8 without the matched evaluations); validation
+    under the same augmentation 15.78 -> 18.32 dB (best at the last step, +0.02 over the last
+    250); on the 32 test patches one-shot 19.67 / 16.46 / 17.81 / 15.53 dB at noise std 1e-3 /
+    1e-2 and pruning 90 / 99 % (IG(200): 20.55 / 15.71 / 17.56 / 5.39); docs/results.md.
     """
     return dataclasses.replace(
         lenet_coarse(), init_from="runs/lenet_coarse", steps=1500, lr=3e-4, warmup=50,
