@@ -76,8 +76,7 @@ def run_prior(workdir: str | Path, args: argparse.Namespace, out: Path) -> tuple
     if args.prior_lr > 0:
         init_cfg = dataclasses.replace(base, lr=args.prior_lr)
     else:  # exactly GIT+IG's refinement
-        git_cfg = dataclasses.replace(method_config("git+ig", checkpoint=str(workdir), steps=args.steps), refine="ig")
-        _, init_cfg = refine_setup(git_cfg)
+        _, init_cfg = refine_setup(method_config("git+ig", checkpoint=str(workdir), steps=args.steps))
         init_cfg = dataclasses.replace(init_cfg, record_every=args.record_every)
     variants = {
         "ig": (base, {}),

@@ -170,7 +170,7 @@ def method_config(method: str, *, checkpoint: str | None = None, steps: int | No
             sub = default_refine_config(spec.refine)
             if steps is not None:
                 sub = dataclasses.replace(sub, steps=steps)
-            config = dataclasses.replace(config, refine_config=sub)
+            config = dataclasses.replace(config, refine=spec.refine, refine_config=sub)
     elif steps is not None and hasattr(config, "steps"):
         config = dataclasses.replace(config, steps=steps)
     return config
