@@ -83,16 +83,17 @@ DISTANCES: dict[str, Distance] = {"l2": l2_distance, "cosine": cosine_distance}
 class Support(NamedTuple):
     """What a top-k pruned leaked gradient says beyond its values, per leaf: ``mask`` is 1.0
     where an entry was sent (all ones for a leaf that was not pruned) and ``bound`` the
-    smallest sent magnitude: every entry that was not sent was at most that large."""
+    smallest sent magnitude: every entry that was not sent was at most that large (inf when
+    the bound is not used: then unsent entries say nothing)."""
 
     mask: Grads
     bound: Grads
 
 
-def pruned_support(target: Grads, above: float) -> Support | None:
+def pruned_support(target: Grads, above: float, use_bound: bool = True) -> Support | None:
     """The support of a pruned gradient: a leaf more than ``above`` of whose entries are exactly
     zero is taken as top-k pruned. None when ``above`` <= 0 (off). Traceable: the decision is
-    made per leaf inside jit.
+    made per leaf inside jit. ``use_bound=False`` ignores the unsent entries altogether.
 
     A pruned gradient's zeros say "not sent, and small", not "zero": matching a dummy gradient
     against them pulls the reconstruction toward images whose gradient vanishes there, and
@@ -107,8 +108,11 @@ def pruned_support(target: Grads, above: float) -> Support | None:
         sent = t != 0
         pruned = 1.0 - jnp.mean(sent.astype(t.dtype)) > above
         mask = jnp.where(pruned, sent.astype(t.dtype), jnp.ones_like(t))
-        smallest_sent = jnp.min(jnp.where(sent, jnp.abs(t), jnp.inf))
-        bound = jnp.where(pruned & jnp.isfinite(smallest_sent), smallest_sent, 0.0).astype(t.dtype)
+        if use_bound:
+            smallest_sent = jnp.min(jnp.where(sent, jnp.abs(t), jnp.inf))
+            bound = jnp.where(pruned & jnp.isfinite(smallest_sent), smallest_sent, 0.0).astype(t.dtype)
+        else:
+            bound = jnp.full((), jnp.inf, t.dtype)
         return mask, jnp.reshape(bound, (1,) * t.ndim)  # broadcasts against the leaf (and under vmap)
 
     pairs = jax.tree_util.tree_map(leaf, target)
@@ -117,16 +121,15 @@ def pruned_support(target: Grads, above: float) -> Support | None:
     return Support(mask, bound)
 
 
-def on_support(g: Grads, support: Support | None, use_bound: bool = True) -> Grads:
+def on_support(g: Grads, support: Support | None) -> Grads:
     """``g`` as the pruned leak can judge it: sent entries unchanged; an entry that was not sent
-    keeps only its excess over the leaf's bound (``use_bound``; 0 when within it) or nothing
-    (``use_bound=False``). ``g`` itself when support is None."""
+    keeps only its excess over the leaf's bound (0 when within it; always 0 for an infinite
+    bound). ``g`` itself when support is None."""
     if support is None:
         return g
 
     def leaf(a: Array, m: Array, b: Array) -> Array:
-        off = a - jnp.clip(a, -b, b) if use_bound else jnp.zeros_like(a)
-        return m * a + (1.0 - m) * off
+        return m * a + (1.0 - m) * (a - jnp.clip(a, -b, b))
 
     return jax.tree_util.tree_map(leaf, g, support.mask, support.bound)
 

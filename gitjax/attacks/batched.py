@@ -96,11 +96,11 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     lr_NxR = jnp.full((n, r), config.lr, jnp.float32)
     t_M, y_M = jax.tree_util.tree_map(rep, grads_N), rep(y_NxBxK)
 
-    above = getattr(config, "support_above", 0.0)
-    support_M = jax.vmap(lambda t: pruned_support(t, above))(t_M) if above > 0 else None
+    above, use_bound = getattr(config, "support_above", 0.0), getattr(config, "support_bound", True)
+    support_M = jax.vmap(lambda t: pruned_support(t, above, use_bound))(t_M) if above > 0 else None
 
     def distances(x_M: Array) -> Array:
-        g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M, getattr(config, "support_bound", True))
+        g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M)
         return jax.vmap(lambda g, t: cosine_distance(g, t, weights))(g_M, t_M)
 
     if x_init_N is not None:

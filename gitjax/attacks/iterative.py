@@ -101,11 +101,10 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     labels = labels_or_recovered(victim, params, state, target_grads, labels, b, k_lab)
     y_BxK = as_probs(labels, victim.num_classes)
     reg = image_regularisers(config.tv_weight, config.prior_weight, x_prior, extra_loss)
-    support = pruned_support(target_grads, getattr(config, "support_above", 0.0))
+    support = pruned_support(target_grads, getattr(config, "support_above", 0.0), getattr(config, "support_bound", True))
 
     def distance(x_BxHxWxC: Array) -> Array:
-        g = batch_grad(victim, params, state, x_BxHxWxC, y_BxK)
-        return match(on_support(g, support, getattr(config, "support_bound", True)), target_grads)
+        return match(on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support), target_grads)
 
     def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
         d = distance(x_BxHxWxC)
