@@ -1,7 +1,7 @@
 """GIT vs IG under gradient defences, with trained priors: one table per defence level.
 
 For each condition (the clean gradient, Gaussian noise of absolute std 1e-3 and 1e-2, top-k
-pruning of 90 % and 99 % of every layer's entries), leaks N batch-1 gradients of the
+pruning of 50 %, 90 % and 99 % of every layer's entries), leaks N batch-1 gradients of the
 ``patches`` test split (images drawn with ``--seed``, as ``gitjax attack`` draws them), applies
 the defence, and runs IG (``--steps``) and, for every ``--prior NAME=DIR``, GIT one-shot and
 GIT+IG (the same refinement budget), all through ``gitjax.pipeline`` with ``gitjax attack``'s
@@ -9,7 +9,7 @@ configs. Each table carries the oracle rows of its images.
 
     python -m experiments.robust_check --prior robust=runs/lenet_robust --prior exact=gitjax/priors/lenet_exact \\
         [--num-images 32] [--steps 200] [--conditions clean,noise-1e-3,noise-1e-2,prune-0.9,prune-0.99] \\
-        [--out outputs/robust_check] [--split train] [--ig-support bound|mask|off]
+        [--out outputs/robust_check] [--split train] [--ig-support bound|mask|frac|off]
 
 Writes ``results.json`` and ``table.md`` (methods as rows, conditions as columns, PSNR dB).
 The "Done means" check of issue 10: the best GIT method >= IG + 2 dB at every defended condition.
@@ -35,16 +35,19 @@ CONDITIONS: dict[str, tuple[str, dict[str, float]]] = {
     "clean": ("none", {}),
     "noise-1e-3": ("gaussian", {"std": 1e-3}),
     "noise-1e-2": ("gaussian", {"std": 1e-2}),
+    "prune-0.5": ("prune", {"ratio": 0.5}),
     "prune-0.9": ("prune", {"ratio": 0.9}),
     "prune-0.99": ("prune", {"ratio": 0.99}),
 }
 
 
-# IGConfig fields for --ig-support: match the unsent entries' bound, ignore them, or match them as zeros.
+# IGConfig fields for --ig-support: match the unsent entries' bound, ignore them, or match them as
+# zeros; "frac" detects pruning by the zero fraction alone (no magnitude-gap rule).
 SUPPORT: dict[str, dict[str, object]] = {
     "bound": {"support_bound": True},
     "mask": {"support_bound": False},
-    "off": {"support_above": 0.0},
+    "frac": {"support_gap": 0.0},
+    "off": {"support_above": 0.0, "support_gap": 0.0},
 }
 
 

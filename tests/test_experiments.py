@@ -82,7 +82,9 @@ def test_robust_check_ig_support_modes_reach_ig_and_the_refinement():
     from gitjax.pipeline import method_config
 
     ig = with_ig_support(method_config("ig", steps=5), "off")
-    assert ig.support_above == 0.0 and ig.steps == 5
+    assert ig.support_above == 0.0 and ig.support_gap == 0.0 and ig.steps == 5
+    frac = with_ig_support(method_config("ig", steps=5), "frac")
+    assert frac.support_gap == 0.0 and frac.support_above > 0
     ref = with_ig_support(method_config("git+ig", checkpoint="ckpt", steps=5), "mask").refine_config
     assert ref.support_bound is False and ref.support_above > 0 and ref.steps == 5
     git = method_config("git", checkpoint="ckpt")

@@ -5,9 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gitjax.data import load_dataset
+from gitjax.defenses import topk_prune
+
 from gitjax.layout import GradientLayout
+from gitjax.leakage import batch_grad
 from gitjax.losses import (DISTANCES, cosine_distance, image_regularisers, l2_distance, layer_weights, on_support,
                            prior_penalty, pruned_support, total_variation)
+from gitjax.victims import make_victim
 
 G = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}, "b": {"kernel": -jnp.ones((3, 2))}}
 
@@ -68,24 +73,57 @@ def test_image_regularisers_add_the_weighted_terms():
     np.testing.assert_allclose(np.asarray(vals), [0.0, float(total_variation(x))], rtol=1e-6)
 
 
-def test_pruned_support_masks_only_pruned_layers():
-    # One leaf with 95 % exact zeros (top-k pruned), one with 50 % (a clean ReLU layer can be
-    # that sparse): only the first is matched on its support.
+def test_pruned_support_masks_only_pruned_gradients():
+    # 95 % exact zeros: top-k pruned. A gradient whose only zeros are a clean ReLU layer's
+    # (50 %, equal magnitudes) is not: the zero fraction stays below the threshold.
     pruned = jnp.zeros(100).at[jnp.arange(5)].set(jnp.arange(1.0, 6.0))
     relu_like = jnp.where(jnp.arange(10) % 2 == 0, 1.0, 0.0)
-    t = {"a": pruned, "b": relu_like}
+    t = {"a": pruned, "b": jnp.ones(4)}
     support = pruned_support(t, 0.85)
     np.testing.assert_array_equal(np.asarray(support.mask["a"]), np.asarray(pruned != 0, np.float32))
-    np.testing.assert_array_equal(np.asarray(support.mask["b"]), np.ones(10, np.float32))
+    np.testing.assert_array_equal(np.asarray(support.mask["b"]), np.ones(4, np.float32))
     assert float(support.bound["a"][0]) == 1.0 and float(support.bound["b"][0]) == 0.0  # smallest sent |value|
+    clean = pruned_support({"b": relu_like}, 0.85)
+    np.testing.assert_array_equal(np.asarray(clean.mask["b"]), np.ones(10, np.float32))
     assert pruned_support(t, 0.0) is None and on_support(t, None) is t
+    # Once one leaf is found pruned, a leaf with zeros too small to tell is pruned with it.
+    both = pruned_support({"a": pruned, "b": relu_like}, 0.85)
+    np.testing.assert_array_equal(np.asarray(both.mask["b"]), np.asarray(relu_like))
+    assert float(both.bound["b"][0]) == 1.0
     # A dummy gradient equal to the target where it was sent and within the bound elsewhere
     # explains the leak; one that exceeds the bound where nothing was sent does not (unless
     # the bound is ignored).
-    within = {"a": pruned + 0.3 * (pruned == 0), "b": relu_like}
-    beyond = {"a": pruned + 3.0 * (pruned == 0), "b": relu_like}
+    within = {"a": pruned + 0.3 * (pruned == 0), "b": t["b"]}
+    beyond = {"a": pruned + 3.0 * (pruned == 0), "b": t["b"]}
     assert float(cosine_distance(on_support(within, support), t)) < 1e-6 < float(cosine_distance(within, t))
     assert float(cosine_distance(on_support(beyond, support), t)) > 0.1
     assert float(cosine_distance(on_support(beyond, pruned_support(t, 0.85, use_bound=False)), t)) < 1e-6
     jitted = jax.jit(lambda t: pruned_support(t, 0.85))(t)  # the per-leaf decision traces
     np.testing.assert_array_equal(np.asarray(jitted.mask["a"]), np.asarray(support.mask["a"]))
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet"])
+def test_magnitude_gap_finds_moderate_pruning_and_spares_clean_gradients(name):
+    # Real gradients of natural patches at B = 1 and 4: clean ones (the MLP's with ReLU zeros
+    # in every dense layer) are never taken as pruned; after 50 % top-k pruning every zero
+    # is, though no leaf is near the 85 % zero fraction of the older rule.
+    victim = make_victim(name)
+    params, state = jax.jit(victim.init)(jax.random.key(0))
+    data = load_dataset("patches", "train")
+    rule = jax.jit(lambda g: (pruned_support(g, 0.85, True, 0.15).mask, pruned_support(g, 0.85).mask))
+    leak = jax.jit(lambda x, y: batch_grad(victim, params, state, x, y))
+    prune = jax.jit(lambda g: topk_prune(0.5)(jax.random.key(0), g))
+    for b, start in [(1, 0), (4, 8)]:
+        g = leak(jnp.asarray(data.images[start:start + b]), jnp.asarray(data.labels[start:start + b]))
+        assert all(bool(jnp.all(m == 1)) for m in jax.tree.leaves(rule(g)[0])), (name, b)
+        pruned = prune(g)
+        masks, frac_only = rule(pruned)
+        for m, t in zip(jax.tree.leaves(masks), jax.tree.leaves(pruned)):
+            np.testing.assert_array_equal(np.asarray(m), np.asarray(t != 0, np.float32))
+        assert all(bool(jnp.all(m == 1)) for m in jax.tree.leaves(frac_only))
+    # The gap itself: survivors from 1.0 up (a top-k cut) vs magnitudes from ~0 (a clean leaf).
+    cut = jnp.concatenate([jnp.zeros(64), jnp.linspace(1.0, 4.0, 64)])
+    smooth = jnp.concatenate([jnp.zeros(64), jnp.linspace(0.01, 4.0, 64)])
+    assert float(pruned_support({"w": cut}, 0.0, True, 0.15).bound["w"][0]) == 1.0
+    assert bool(jnp.all(pruned_support({"w": smooth}, 0.0, True, 0.15).mask["w"] == 1))
+    assert pruned_support({"w": cut}, 0.0, True, 0.0) is None

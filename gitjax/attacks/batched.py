@@ -32,7 +32,8 @@ from gitjax.attacks.iterative import keep_resolved_start, labels_or_recovered, s
 from gitjax.layout import GradientLayout, check_finite
 from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
-from gitjax.losses import cosine_distance, layer_weights, on_support, prior_penalty, pruned_support, total_variation
+from gitjax.losses import (cosine_distance, layer_weights, on_support, prior_penalty, pruned_support, support_rule,
+                           total_variation)
 from gitjax.refine import ig_optimizer, init_images, refine
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
@@ -96,8 +97,8 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     lr_NxR = jnp.full((n, r), config.lr, jnp.float32)
     t_M, y_M = jax.tree_util.tree_map(rep, grads_N), rep(y_NxBxK)
 
-    above, use_bound = getattr(config, "support_above", 0.0), getattr(config, "support_bound", True)
-    support_M = jax.vmap(lambda t: pruned_support(t, above, use_bound))(t_M) if above > 0 else None
+    rule = support_rule(config)
+    support_M = jax.vmap(lambda t: pruned_support(t, *rule))(t_M) if rule[0] > 0 or rule[2] > 0 else None
 
     def distances(x_M: Array) -> Array:
         g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M)

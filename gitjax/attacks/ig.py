@@ -58,6 +58,9 @@ class IGConfig:
       support_above: match only the nonzero entries of a leaked layer more than this
         fraction of whose entries are exactly zero (top-k pruning; ``losses.pruned_support``);
         the objective and the choice of the best iterate both use it. 0 turns it off.
+      support_gap: also take a leaf as pruned when its nonzero magnitudes start at least
+        this fraction of their median (top-k leaves a gap above 0; clean gradients do not),
+        which catches moderate pruning (50 %) below ``support_above``. 0 turns it off.
       support_bound: off that support, penalise only what exceeds the smallest sent
         magnitude (top-k drops only entries at most that large); False ignores them.
     """
@@ -76,6 +79,7 @@ class IGConfig:
     start_resolved: float = 1e-6
     support_above: float = 0.85
     support_bound: bool = True
+    support_gap: float = 0.15
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -84,6 +88,8 @@ class IGConfig:
             raise GitjaxError(f"IG layer_weights must be one of {LAYER_WEIGHTS}, got {self.layer_weights!r}")
         if not 0.0 <= self.support_above < 1.0:
             raise GitjaxError(f"IG support_above must be in [0, 1), got {self.support_above}")
+        if not 0.0 <= self.support_gap < 1.0:
+            raise GitjaxError(f"IG support_gap must be in [0, 1), got {self.support_gap}")
         if self.steps < 1 or self.restarts < 1:
             raise GitjaxError(f"steps and restarts must be >= 1, got {self.steps}, {self.restarts}")
 

@@ -26,7 +26,7 @@ from gitjax.attacks.labels import estimate_mean_probs, recover_labels
 from gitjax.layout import GradientLayout
 from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
-from gitjax.losses import ExtraLoss, image_regularisers, on_support, pruned_support
+from gitjax.losses import ExtraLoss, image_regularisers, on_support, pruned_support, support_rule
 from gitjax.metrics import batch_psnr
 from gitjax.refine import best_of_restarts, ig_optimizer, init_images, refine
 from gitjax.types import Array, GitjaxError, Grads, InputShapeError, ModelState, Params, PRNGKey
@@ -101,7 +101,7 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     labels = labels_or_recovered(victim, params, state, target_grads, labels, b, k_lab)
     y_BxK = as_probs(labels, victim.num_classes)
     reg = image_regularisers(config.tv_weight, config.prior_weight, x_prior, extra_loss)
-    support = pruned_support(target_grads, getattr(config, "support_above", 0.0), getattr(config, "support_bound", True))
+    support = pruned_support(target_grads, *support_rule(config))
 
     def distance(x_BxHxWxC: Array) -> Array:
         return match(on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support), target_grads)
