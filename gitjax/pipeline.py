@@ -150,11 +150,10 @@ def _one_shot_N():
 
 
 def default_refine_config(refine: str) -> Any:
-    """IG/DLG settings for refining GIT's output (IG's signed step 0.05: it starts close to the answer)."""
-    from gitjax.attacks.dlg import DLGConfig
-    from gitjax.attacks.ig import IGConfig
+    """IG/DLG settings for refining GIT's output (``gitjax.attacks.git.refine_setup``'s defaults)."""
+    from gitjax.attacks.git import GITConfig, refine_setup
 
-    return IGConfig(lr=0.05) if refine == "ig" else DLGConfig()
+    return refine_setup(GITConfig(refine=refine, random_starts=0))[1]
 
 
 def method_config(method: str, *, checkpoint: str | None = None, steps: int | None = None) -> Any:
@@ -239,12 +238,11 @@ def reconstruct(method: str, attacker: Attacker, grads_N: Grads, key: PRNGKey, *
         images = _one_shot_N()(prior, grads_N)
         out_labels = labels
         if spec.refine:
-            refine_cfg = config.refine_config or default_refine_config(spec.refine)
+            from gitjax.attacks.git import refine_setup
+
+            # The same refinement rule as the one-at-a-time path (random restarts, step, proximity).
+            _, refine_cfg = refine_setup(dataclasses.replace(config, refine=spec.refine))
             mode = config.prior_mode
-            if mode not in ("init", "reg", "both"):
-                raise GitjaxError(f"prior_mode must be 'init', 'reg' or 'both', got {mode!r}")
-            if mode in ("reg", "both"):
-                refine_cfg = dataclasses.replace(refine_cfg, prior_weight=config.prior_weight)
             images, info = _batched(spec.refine, attacker, grads_N, labels, key, refine_cfg, batch_size, chunk,
                                     x_init_N=images if mode in ("init", "both") else None,
                                     x_prior_N=images if mode in ("reg", "both") else None, x_true_N=x_true)

@@ -100,6 +100,11 @@ def test_one_of_each_family_end_to_end(attacker, private):
                                    config=GITConfig(refine_config=IGConfig(steps=2, lr=0.05, record_every=0)))
     assert refined.images.shape == x.shape and refined.info["iterations"] == 2
     assert np.array_equal(refined.labels, y)
+    # Both paths apply refine_setup: one random restart beside the run from GIT's output.
+    single = pipeline.reconstruct("git+ig", attacker, grads_N, jax.random.key(0), batch_size=1, vmapped=False,
+                                  config=GITConfig(refine_config=IGConfig(steps=2, record_every=0)))
+    assert refined.info["restart_grad_distance"].shape == (len(x), 2)
+    assert all(len(d) == 2 for d in single.info["restart_grad_distance"])
 
 
 def test_bad_gradients_and_missing_prior_fail_before_work(attacker, private):

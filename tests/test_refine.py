@@ -145,6 +145,26 @@ def test_git_refinement_config():
     assert cfg.restarts == 1
 
 
+def test_git_ig_random_restart_is_ig_alone():
+    # refine_setup's defaults: GIT+IG's random restart is IG's own run (step 0.1, same key), so
+    # GIT+IG keeps the better of IG and IG from the start, by gradient distance, even from a
+    # useless start (mid-grey). Means over the images; 5 % allows float paths to drift.
+    _, cfg = refine_setup(GITConfig(refine="ig"))
+    cfg = dataclasses.replace(cfg, steps=30, record_every=0)
+    alone = dataclasses.replace(cfg, restarts=1)
+    d_alone, d_restart, d_git_ig = [], [], []
+    for i in IMAGES:
+        problem, x = _problem(i)
+        a = ig.run(problem, jax.random.key(1), alone)
+        g = ig.run(problem, jax.random.key(1), cfg, x_init=jnp.full_like(x, 0.5))
+        d_alone.append(a.info["grad_distance"])
+        d_restart.append(g.info["restart_grad_distance"][0])
+        d_git_ig.append(g.info["grad_distance"])
+    assert cfg.lr == ig.IGConfig().lr and cfg.restarts == 2
+    np.testing.assert_allclose(np.mean(d_restart), np.mean(d_alone), rtol=0.05)
+    assert np.mean(d_git_ig) <= 1.05 * np.mean(d_alone)
+
+
 @pytest.mark.parametrize("pruned", [False, True])
 def test_stacked_batched_equals_single_with_a_start(pruned):
     v, params, state, xs, ys = _setup()

@@ -87,20 +87,27 @@ def config_for(method: str, checkpoint: str) -> GITConfig:
 
 
 def refine_setup(config: GITConfig) -> tuple[Any, Any]:
-    """(attack module, its config) for GIT's refinement: IG runs the start from GIT's output
-    with a step scaled to how well that start explains the gradient (``IGConfig.start_lr=0``),
-    plus ``random_starts`` random restarts."""
+    """(attack module, its config) for GIT's refinement, the one rule of the vmapped pipeline
+    and of ``run``: IG runs the start from GIT's output with a step scaled to how well that
+    start explains the gradient (``IGConfig.start_lr=0``), plus ``random_starts`` random
+    restarts; 'reg'/'both' set the proximity weight. ``refine_config`` None: IG's defaults, so
+    the random restarts are the runs of IG alone (same step, same keys) and GIT+IG keeps the
+    better, by gradient distance, of IG and IG from GIT's output."""
     if config.refine == "ig":
         from gitjax.attacks import ig as base_attack
     elif config.refine == "dlg":
         from gitjax.attacks import dlg as base_attack
     else:
         raise GitjaxError(f"refine must be '', 'ig' or 'dlg', got {config.refine!r}")
+    if config.prior_mode not in ("init", "reg", "both"):
+        raise GitjaxError(f"prior_mode must be 'init', 'reg' or 'both', got {config.prior_mode!r}")
     cfg = config.refine_config
     if cfg is None:
         cfg = base_attack.IGConfig() if config.refine == "ig" else base_attack.DLGConfig()
     if config.refine == "ig" and config.prior_mode in ("init", "both"):
         cfg = dataclasses.replace(cfg, restarts=max(cfg.restarts, 1 + config.random_starts))
+    if config.prior_mode in ("reg", "both") and hasattr(cfg, "prior_weight"):
+        cfg = dataclasses.replace(cfg, prior_weight=config.prior_weight)
     return base_attack, cfg
 
 
@@ -131,13 +138,9 @@ def run(problem: AttackProblem, key: Array, config: GITConfig, x_true: Array | N
         info["seconds"] = one_shot_s
         info["iterations"] = 0
         return AttackResult(x_git, labels, info)
-    if config.prior_mode not in ("init", "reg", "both"):
-        raise GitjaxError(f"prior_mode must be 'init', 'reg' or 'both', got {config.prior_mode!r}")
+    base_attack, cfg = refine_setup(config)
     x_init = x_git if config.prior_mode in ("init", "both") else None
     x_prior = x_git if config.prior_mode in ("reg", "both") else None
-    base_attack, cfg = refine_setup(config)
-    if x_prior is not None and hasattr(cfg, "prior_weight"):
-        cfg = dataclasses.replace(cfg, prior_weight=config.prior_weight)
     problem = dataclasses.replace(problem, labels=labels)
     res = base_attack.run(problem, key, cfg, x_init=x_init, x_prior=x_prior, x_true=x_true)
     res.info["one_shot_seconds"] = one_shot_s
