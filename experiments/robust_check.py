@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--split", default="test", help="patches split the images come from (tune on train)")
     ap.add_argument("--ig-support", default="bound", choices=tuple(SUPPORT),
                     help="how IG (alone and in GIT+IG) treats a pruned gradient's unsent entries")
+    ap.add_argument("--refine-lr", type=float, default=None,
+                    help="GIT+IG's IG step (default IG's own, 0.1; the start's step is this x its quality)")
     ap.add_argument("--out", default="outputs/robust_check")
     args = ap.parse_args(argv)
     conditions = [c for c in args.conditions.split(",") if c]
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
         for label, method, att, workdir in jobs:
             t0 = time.perf_counter()
             cfg = with_ig_support(method_config(method, checkpoint=workdir, steps=args.steps), args.ig_support)
+            if args.refine_lr is not None and method == "git+ig":
+                cfg = dataclasses.replace(cfg, refine_config=dataclasses.replace(cfg.refine_config,
+                                                                                 lr=args.refine_lr))
             res = run_pipeline(method, att, x_Nx1, y_Nx1, key, config=cfg, defense=defense, defense_args=dargs)
             table.setdefault(label, {})[cond] = round(float(res.scores["psnr"]), 2)
             seconds[f"{label} / {cond}"] = round(time.perf_counter() - t0, 1)

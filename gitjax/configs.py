@@ -466,11 +466,12 @@ def lenet_noise() -> TrainConfig:
     The matched prior for Gaussian gradient noise of std 1e-2: lenet_coarse (``init_from=
     "runs/lenet_coarse"``, train that first) fine-tuned 2000 steps x 64 with noise on every
     gradient, std on 16 levels over [0.5x, 2x] the tested one ([5e-3, 2e-2]).
-    Measured 2026-12-01, 2-core CPU, from the 27000-step lenet_coarse: 5.2 min wall; validation
-    under the same noise 12.80 -> 17.44 dB (best at the last step, +0.06 over the last 25 %); at
-    std 1e-2 on the 32 test patches one-shot 17.61 dB, GIT+IG(200) 17.62 dB, IG(200) 15.71 dB:
-    +1.91 dB (``python -m experiments.robust_check --prior matched=runs/lenet_noise --conditions
-    noise-1e-2``; from the 16000-step base: 17.69 / 17.86 dB, +2.15).
+    Measured 2026-12-02, 2-core CPU, from the 27000-step lenet_coarse: 5.6 min wall; validation
+    under the same noise 12.72 -> 17.42 dB (best at the last step, +0.06 over the last 25 %); at
+    std 1e-2 on the 32 test patches one-shot 17.56 dB, GIT+IG(200) 17.02 dB, IG(200) 15.71 dB:
+    +1.85 dB (``python -m experiments.robust_check --prior matched=runs/lenet_noise --conditions
+    noise-1e-2``; 2026-12-01, before GIT+IG's fix: 17.61 / 17.62, +1.91; from the 16000-step
+    base: 17.69 / 17.86 dB, +2.15).
     """
     return dataclasses.replace(
         lenet_coarse(), init_from="runs/lenet_coarse", steps=2000, lr=3e-4, warmup=50,
