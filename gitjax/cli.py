@@ -205,13 +205,16 @@ class AttackJob:
     out: str
     plot: bool
     data_dir: str | None = None
+    known_noise: bool = False
 
 
 def attack_config(job: AttackJob) -> Any:
-    """The method's config for ``job``: defaults, ``--steps`` for iterative methods (the refinement of git+*)."""
+    """The method's config for ``job``: defaults, ``--steps`` for iterative methods (the refinement of git+*),
+    and with ``known_noise`` the gaussian defence's std as IG's known noise level."""
     from gitjax.pipeline import method_config
 
-    return method_config(job.method, checkpoint=job.checkpoint, steps=job.steps)
+    noise_std = float(job.defense_args.get("std", 0.0)) if job.known_noise else 0.0
+    return method_config(job.method, checkpoint=job.checkpoint, steps=job.steps, noise_std=noise_std)
 
 
 def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:
@@ -301,6 +304,13 @@ def validate_attack(args: argparse.Namespace) -> None:
     if args.defense == "dpsgd":
         raise GitjaxError("--defense dpsgd needs per-example gradients, but gitjax attack leaks batch gradients; "
                           "use gaussian, laplace, prune, quantize or sign")
+    if getattr(args, "known_noise", False):
+        if args.defense != "gaussian" or "std" not in args.defense_kwargs:
+            raise GitjaxError("--known-noise tells the attack the std of gaussian noise on the gradient: pass "
+                              "--defense gaussian --defense-arg std=S, or drop --known-noise")
+        from gitjax.pipeline import method_config
+
+        method_config(args.method, checkpoint=args.checkpoint, noise_std=float(args.defense_kwargs["std"]))
     if args.out is not None:
         validate.output_dir(args.out, "--out")
     _use_data_dir(args)
@@ -326,7 +336,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     kwargs = getattr(args, "defense_kwargs", None)
     job = AttackJob(args.method, args.victim, args.data, args.split, args.num_images, args.batch_size, args.seed,
                     args.steps, args.checkpoint or "", args.defense,
-                    _parse_kv(args.defense_arg) if kwargs is None else kwargs, out, args.plot, args.data_dir)
+                    _parse_kv(args.defense_arg) if kwargs is None else kwargs, out, args.plot, args.data_dir,
+                    getattr(args, "known_noise", False))
     summary = run_attack_job(job, progress=not args.quiet)
     table = summary.pop("table")
     print(format_table([summary]))
@@ -503,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--out", default=None, help="output folder (default outputs/attack-<method>-<time>)")
     s.add_argument("--plot", action="store_true", help="record PSNR per iteration and save convergence.png")
+    s.add_argument("--known-noise", action="store_true",
+                   help="ig, git+ig: the attacker knows the gaussian defence's std and stops fitting the "
+                        "gradient at the noise floor (IGConfig.noise_std)")
     s.set_defaults(fn=cmd_attack, check=validate_attack)
 
     s = sub.add_parser("experiment", help="robustness study (gitjax.study); exit code 1 if a run failed",

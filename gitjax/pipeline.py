@@ -156,9 +156,12 @@ def default_refine_config(refine: str) -> Any:
     return refine_setup(GITConfig(refine=refine, random_starts=0))[1]
 
 
-def method_config(method: str, *, checkpoint: str | None = None, steps: int | None = None) -> Any:
+def method_config(method: str, *, checkpoint: str | None = None, steps: int | None = None,
+                  noise_std: float = 0.0) -> Any:
     """The registry config of ``method`` as ``gitjax attack`` runs it: the defaults, ``steps``
-    for an iterative method (for git+ig / git+dlg: of the refinement), ``checkpoint`` for GIT."""
+    for an iterative method (for git+ig / git+dlg: of the refinement), ``checkpoint`` for GIT,
+    and ``noise_std`` (> 0: the known noise level, ``IGConfig.noise_std``) where the method or
+    its refinement takes one; a method that cannot use it is refused."""
     from gitjax.attacks import get_attack
 
     spec = get_attack(method)
@@ -169,10 +172,24 @@ def method_config(method: str, *, checkpoint: str | None = None, steps: int | No
             sub = default_refine_config(spec.refine)
             if steps is not None:
                 sub = dataclasses.replace(sub, steps=steps)
-            config = dataclasses.replace(config, refine=spec.refine, refine_config=sub)
-    elif steps is not None and hasattr(config, "steps"):
-        config = dataclasses.replace(config, steps=steps)
+            config = dataclasses.replace(config, refine=spec.refine, refine_config=_with_noise(sub, noise_std, method))
+        elif noise_std:
+            _with_noise(config, noise_std, method)  # refuses: one-shot GIT has no noise setting
+    else:
+        if steps is not None and hasattr(config, "steps"):
+            config = dataclasses.replace(config, steps=steps)
+        config = _with_noise(config, noise_std, method)
     return config
+
+
+def _with_noise(config: Any, noise_std: float, method: str) -> Any:
+    """``config`` with ``noise_std`` set (0: unchanged); GitjaxError where it has no such field."""
+    if not noise_std:
+        return config
+    if not hasattr(config, "noise_std"):
+        raise GitjaxError(f"method {method!r} cannot use a known noise level; use ig or git+ig, "
+                          "or drop the known noise")
+    return dataclasses.replace(config, noise_std=float(noise_std))
 
 
 def _take(tree: Any, sl: slice) -> Any:

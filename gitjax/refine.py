@@ -198,10 +198,23 @@ def init_images(key: Array, shape_BxHxWxC: tuple[int, ...], init: str) -> Array:
     raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
 
 
-def select_best(distances_R: Array, tree_R: Any) -> tuple[Array, Any]:
-    """Index of the smallest (non-NaN) distance over R runs, and that run's slice of ``tree_R``."""
-    i = jnp.argmin(jnp.where(jnp.isnan(distances_R), jnp.inf, distances_R))
+def select_best(distances_R: Array, tree_R: Any, prefer_last: bool = False) -> tuple[Array, Any]:
+    """Index of the smallest (non-NaN) distance over R runs, and that run's slice of ``tree_R``.
+
+    Ties go to the first run, or with ``prefer_last`` to the last (the run from a prior's start:
+    when several runs reach the noise floor, the data cannot tell them apart and the prior decides).
+    """
+    i = argmin_runs(distances_R, prefer_last)
     return i, jax.tree_util.tree_map(lambda a: a[i], tree_R)
+
+
+def argmin_runs(d_R: Array, prefer_last: bool = False, axis: int = -1) -> Array:
+    """argmin over runs along ``axis`` with NaN as +inf; ties to the last run with ``prefer_last``."""
+    d_R = jnp.where(jnp.isnan(d_R), jnp.inf, d_R)
+    if not prefer_last:
+        return jnp.argmin(d_R, axis=axis)
+    r = d_R.shape[axis]
+    return r - 1 - jnp.argmin(jnp.flip(d_R, axis=axis), axis=axis)
 
 
 class Restarts(NamedTuple):
@@ -219,14 +232,15 @@ class Restarts(NamedTuple):
                 "psnr": self.trace.metric_R, "restart_grad_distance": d, "restart_index": self.index}
 
 
-def best_of_restarts(one_run: Callable[..., tuple[Any, Trace, Array]], *args_R: Any) -> Restarts:
+def best_of_restarts(one_run: Callable[..., tuple[Any, Trace, Array]], *args_R: Any,
+                     prefer_last: bool = False) -> Restarts:
     """Runs ``one_run(*args)`` for R restarts in parallel (vmap over the leading axis of every
     argument) and keeps the run with the smallest (non-NaN) gradient distance.
 
     ``one_run`` returns (result pytree, Trace, distance); the distance is the
     gradient-matching term alone (no regulariser), so runs are compared by how well
-    they explain the leaked gradient.
+    they explain the leaked gradient; ties go to the last run with ``prefer_last``.
     """
     xs, traces, d_R = jax.vmap(one_run)(*args_R)
-    i, (x, trace) = select_best(d_R, (xs, traces))
+    i, (x, trace) = select_best(d_R, (xs, traces), prefer_last)
     return Restarts(x, trace, i, d_R)

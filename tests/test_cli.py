@@ -1,5 +1,6 @@
 """The command line as a user meets it: listing, attacks end to end, clear one-line errors."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +45,27 @@ def test_unknown_attack_is_one_clear_line(capsys):
 def test_git_attack_without_checkpoint_says_so(capsys):
     assert main(["attack", "--method", "git"]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "ig"], "pass --defense gaussian --defense-arg std=S"),
+    (["--method", "dlg", "--defense", "gaussian", "--defense-arg", "std=0.01"], "cannot use a known noise level"),
+])
+def test_known_noise_misuse_is_one_line(argv, needle, capsys):
+    assert main(["attack", "--victim", "mlp", "--known-noise", *argv]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_known_noise_reaches_ig_and_the_git_refinement():
+    from gitjax.cli import AttackJob, attack_config
+
+    job = AttackJob("git+ig", "mlp", "patches", "test", 2, 1, 0, 5, "ckpt", "gaussian", {"std": 0.01}, "o",
+                    False, None, True)
+    cfg = attack_config(job)
+    assert cfg.refine_config.noise_std == 0.01 and cfg.refine_config.steps == 5
+    assert attack_config(dataclasses.replace(job, method="ig")).noise_std == 0.01
+    assert attack_config(dataclasses.replace(job, known_noise=False)).refine_config.noise_std == 0.0
 
 
 # ----------------------------------------------------------------------------- train-prior -> attack, end to end

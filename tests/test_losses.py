@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from gitjax.data import load_dataset
-from gitjax.defenses import topk_prune
+from gitjax.defenses import gaussian_noise, topk_prune
 
 from gitjax.layout import GradientLayout
 from gitjax.leakage import batch_grad
-from gitjax.losses import (DISTANCES, cosine_distance, image_regularisers, l2_distance, layer_weights, on_support,
-                           prior_penalty, pruned_support, total_variation)
+from gitjax.losses import (DISTANCES, cosine_distance, image_regularisers, l2_distance, layer_weights, noise_floor,
+                           on_support, prior_penalty, pruned_support, total_variation)
 from gitjax.victims import make_victim
 
 G = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}, "b": {"kernel": -jnp.ones((3, 2))}}
@@ -127,3 +127,28 @@ def test_magnitude_gap_finds_moderate_pruning_and_spares_clean_gradients(name):
     assert float(pruned_support({"w": cut}, 0.0, True, 0.15).bound["w"][0]) == 1.0
     assert bool(jnp.all(pruned_support({"w": smooth}, 0.0, True, 0.15).mask["w"] == 1))
     assert pruned_support({"w": cut}, 0.0, True, 0.0) is None
+
+
+def test_noise_floor_predicts_the_truths_distance_under_gaussian_noise():
+    # The truth's cosine distance to its own gradient + N(0, std^2) noise, mean over 6 noise
+    # draws and 2 images, against the predicted floor; with and without per-layer weights.
+    # Measured (MLP, |g| ~ 18): 1.7e-3 and 0.137 at std 1e-3 / 1e-2, predicted within 0.1 %.
+    victim = make_victim("mlp")
+    params, state = jax.jit(victim.init)(jax.random.key(0))
+    data = load_dataset("patches", "train")
+    leak = jax.jit(lambda x, y: batch_grad(victim, params, state, x, y))
+    w = layer_weights(GradientLayout.from_params(params), "linear_increasing")
+    assert float(noise_floor(leak(jnp.asarray(data.images[:1]), jnp.asarray(data.labels[:1])), 0.0)) == 0.0
+    for std in (1e-3, 1e-2):
+        for weights in (None, w):
+            truth, floor = [], []
+            for i in range(2):
+                g = leak(jnp.asarray(data.images[i:i + 1]), jnp.asarray(data.labels[i:i + 1]))
+                for s in range(6):
+                    t = gaussian_noise(std)(jax.random.key(10 * i + s), g)
+                    truth.append(float(cosine_distance(g, t, weights)))
+                    floor.append(float(noise_floor(t, std, weights)))
+            assert 0.0 < np.mean(truth)
+            np.testing.assert_allclose(np.mean(floor), np.mean(truth), rtol=0.05)
+    # Noise that swamps the gradient: the floor saturates at 1 (orthogonal), never NaN.
+    assert float(noise_floor({"w": jnp.ones(4)}, 10.0)) == 1.0

@@ -19,10 +19,10 @@ from gitjax.attacks.batched import batched_attack
 from gitjax.attacks.git import GITConfig, config_for, refine_setup
 from gitjax.attacks.iterative import start_step_size
 from gitjax.data import load_dataset
-from gitjax.defenses import topk_prune
+from gitjax.defenses import gaussian_noise, topk_prune
 from gitjax.leakage import batch_grad as _batch_grad
 from gitjax.metrics import batch_psnr
-from gitjax.refine import best_of_restarts, ig_optimizer, refine
+from gitjax.refine import argmin_runs, best_of_restarts, ig_optimizer, refine
 from gitjax.victims import make_victim
 
 batch_grad = jax.jit(_batch_grad, static_argnums=0)
@@ -165,16 +165,44 @@ def test_git_ig_random_restart_is_ig_alone():
     assert np.mean(d_git_ig) <= 1.05 * np.mean(d_alone)
 
 
+def test_argmin_runs_ties_and_nan():
+    d = jnp.array([[0.0, 0.3, 0.0], [jnp.nan, 0.2, 0.2]])
+    np.testing.assert_array_equal(np.asarray(argmin_runs(d, axis=1)), [0, 1])
+    np.testing.assert_array_equal(np.asarray(argmin_runs(d, prefer_last=True, axis=1)), [2, 2])
+    assert int(argmin_runs(jnp.array([jnp.nan, 1.0, 1.0]), prefer_last=True)) == 2
+
+
+def test_known_noise_stops_at_the_floor_and_keeps_the_start():
+    # A start already as close to the noisy gradient as the noise allows is returned as it is
+    # (its excess over the floor is 0 at iterate 0, and the start's run wins the tie with the
+    # random restart), and its reported distance is that excess. Here the start is the truth +
+    # pixel noise and the stated std puts the floor above its distance.
+    for i in IMAGES[:2]:
+        problem, x = _problem(i)
+        problem = dataclasses.replace(problem, grads=gaussian_noise(1e-2)(jax.random.key(i), problem.grads))
+        x_init = jnp.clip(x + 0.05 * jax.random.normal(jax.random.key(7), x.shape), 0.0, 1.0)
+        plain = ig.run(problem, jax.random.key(i), CFG, x_init=x_init)
+        known = ig.run(problem, jax.random.key(i), dataclasses.replace(CFG, noise_std=2e-2), x_init=x_init)
+        assert known.info["restart_index"] == CFG.restarts - 1 and known.info["grad_distance"] == 0.0
+        np.testing.assert_array_equal(np.asarray(known.images), np.asarray(x_init))
+        assert plain.info["grad_distance"] > 0.05  # the raw distance, as without a known level
+    with pytest.raises(Exception, match="noise_std"):
+        ig.IGConfig(noise_std=-1.0)
+    with pytest.raises(Exception, match="noise_std"):
+        ig.IGConfig(noise_std=float("nan"))
+
+
 @pytest.mark.parametrize("pruned", [False, True])
 def test_stacked_batched_equals_single_with_a_start(pruned):
     v, params, state, xs, ys = _setup()
     idx = np.asarray(IMAGES)
     x_NxB, y_NxB = xs[idx][:, None], ys[idx][:, None]
     g_N = jax.vmap(lambda x, y: _batch_grad(v, params, state, x, y))(x_NxB, y_NxB)
-    if pruned:  # both paths match the pruned layers on their support
-        g_N = jax.vmap(lambda g: topk_prune(0.9)(jax.random.key(0), g))(g_N)
-    x_init_N = jnp.clip(x_NxB + 0.1 * jax.random.normal(jax.random.key(5), x_NxB.shape), 0.0, 1.0)
     cfg = dataclasses.replace(CFG, steps=20)
+    if pruned:  # noised, then pruned: both paths match on the support and score by the known noise floor
+        g_N = jax.vmap(lambda g: topk_prune(0.9)(jax.random.key(1), gaussian_noise(1e-2)(jax.random.key(0), g)))(g_N)
+        cfg = dataclasses.replace(cfg, noise_std=1e-2)
+    x_init_N = jnp.clip(x_NxB + 0.1 * jax.random.normal(jax.random.key(5), x_NxB.shape), 0.0, 1.0)
     key = jax.random.key(4)
     x_N, info = batched_attack("ig", v, params, state, g_N, y_NxB, key, cfg, x_init_N=x_init_N)
     for i, k in enumerate(jax.random.split(key, len(idx))):

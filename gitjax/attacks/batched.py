@@ -32,9 +32,9 @@ from gitjax.attacks.iterative import keep_resolved_start, labels_or_recovered, s
 from gitjax.layout import GradientLayout, check_finite
 from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
-from gitjax.losses import (cosine_distance, layer_weights, on_support, prior_penalty, pruned_support, support_rule,
-                           total_variation)
-from gitjax.refine import ig_optimizer, init_images, refine
+from gitjax.losses import (cosine_distance, layer_weights, noise_floor, on_support, prior_penalty, pruned_support,
+                           support_rule, total_variation)
+from gitjax.refine import argmin_runs, ig_optimizer, init_images, refine
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
 
@@ -104,14 +104,21 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
         g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M)
         return jax.vmap(lambda g, t: cosine_distance(g, t, weights))(g_M, t_M)
 
+    # With a known noise level, runs are scored by their distance above the truth's (as ig_reconstruct).
+    noisy = config.noise_std > 0
+    floor_M = jax.vmap(lambda t: noise_floor(t, config.noise_std, weights))(t_M) if noisy else None
+
+    def excess(d_M: Array) -> Array:
+        return jnp.maximum(d_M - floor_M, 0.0) if noisy else d_M
+
     if x_init_N is not None:
         x_init_N = jnp.clip(x_init_N, 0.0, 1.0)
         # The start's quality (step size, kept start); ``distances`` works on all N*R rows.
-        d_start_N = jax.lax.stop_gradient(distances(rep(x_init_N))).reshape(n, r)[:, 0]
+        d_start_N = jax.lax.stop_gradient(excess(distances(rep(x_init_N)))).reshape(n, r)[:, 0]
         if config.start_lr > 0:
             lr0_N = jnp.full((n,), config.start_lr, jnp.float32)
         else:
-            d_rand = jax.lax.stop_gradient(distances(x0_NxR.reshape(n * r, *shape))).reshape(n, r)[:, 0]
+            d_rand = jax.lax.stop_gradient(excess(distances(x0_NxR.reshape(n * r, *shape)))).reshape(n, r)[:, 0]
             lr0_N = start_step_size(config.lr, d_start_N, d_rand)
         # The start takes the last slot, as in ``match_reconstruct``.
         lr_NxR = lr_NxR.at[:, -1].set(lr0_N)
@@ -125,7 +132,7 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
             reg = reg + config.tv_weight * jnp.sum(jax.vmap(total_variation)(x_M))
         if x_prior_M is not None and config.prior_weight:
             reg = reg + config.prior_weight * jnp.sum(jax.vmap(prior_penalty)(x_M, x_prior_M))
-        return jnp.sum(d_M) + reg, d_M
+        return jnp.sum(d_M) + reg, excess(d_M)
 
     metric = None
     if x_true_N is not None:
@@ -139,7 +146,7 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     x_M, trace = refine(objective, x0_M, opt, config.steps, record_every=config.record_every, metric_fn=metric,
                         has_aux=True)
     d_NxR = trace.best_score.reshape(n, r)
-    i_N = jnp.argmin(jnp.where(jnp.isnan(d_NxR), jnp.inf, d_NxR), axis=1)
+    i_N = argmin_runs(d_NxR, prefer_last=noisy and x_init_N is not None, axis=1)
     pick = lambda a_M: jnp.take_along_axis(a_M.reshape(n, r, *a_M.shape[1:]),
                                           i_N.reshape(n, 1, *(1,) * (a_M.ndim - 1)), axis=1)[:, 0]
     labels_B = labels_NxB if labels_NxB.ndim == 2 else jnp.argmax(labels_NxB, axis=-1)

@@ -12,7 +12,7 @@ when given, else recovered analytically (``gitjax.attacks.labels``).
 with a step scaled to how well it already explains the gradient; the start itself is
 a candidate, so the result never matches the gradient worse), ``x_prior`` +
 ``config.prior_weight`` (penalty), or both; ``extra_loss`` hooks further image
-regularisers in.
+regularisers in. A known noise level (``noise_std``) stops the fit at the noise floor.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from gitjax.attacks.base import AttackProblem, AttackResult
 from gitjax.attacks.iterative import match_reconstruct, run_iterative
 from gitjax.layout import GradientLayout
 from gitjax.trace import forward_order
-from gitjax.losses import LAYER_WEIGHTS, ExtraLoss, cosine_distance, layer_weights
+from gitjax.losses import LAYER_WEIGHTS, ExtraLoss, cosine_distance, layer_weights, noise_floor
 from gitjax.refine import INITS
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
@@ -63,6 +63,11 @@ class IGConfig:
         which catches moderate pruning (50 %) below ``support_above``. 0 turns it off.
       support_bound: off that support, penalise only what exceeds the smallest sent
         magnitude (top-k drops only entries at most that large); False ignores them.
+      noise_std: std of Gaussian noise the attacker knows is on the leaked gradient (a
+        published DP level; 0: none known). > 0: iterates and restarts are chosen by their
+        distance above the truth's expected distance (``losses.noise_floor``), so a run stops
+        fitting once it reaches the noise (the first iterate there is kept) and a run from
+        ``x_init`` that reaches it wins; reported distances are these excesses.
     """
 
     steps: int = 1000
@@ -80,6 +85,7 @@ class IGConfig:
     support_above: float = 0.85
     support_bound: bool = True
     support_gap: float = 0.15
+    noise_std: float = 0.0
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -90,6 +96,8 @@ class IGConfig:
             raise GitjaxError(f"IG support_above must be in [0, 1), got {self.support_above}")
         if not 0.0 <= self.support_gap < 1.0:
             raise GitjaxError(f"IG support_gap must be in [0, 1), got {self.support_gap}")
+        if not (self.noise_std >= 0.0 and self.noise_std < float("inf")):
+            raise GitjaxError(f"IG noise_std must be a finite number >= 0, got {self.noise_std}")
         if self.steps < 1 or self.restarts < 1:
             raise GitjaxError(f"steps and restarts must be >= 1, got {self.steps}, {self.restarts}")
 
@@ -116,8 +124,10 @@ def ig_reconstruct(victim: Victim, params: Params, state: ModelState, target_gra
     """
     weights = layer_weights(GradientLayout.from_params(params, order=forward_order(victim)), config.layer_weights)
     match = functools.partial(cosine_distance, weights=weights)
+    floor = noise_floor(target_grads, config.noise_std, weights) if config.noise_std > 0 else None
     return match_reconstruct(victim, params, state, target_grads, labels, key, config, match, x_init=x_init,
-                             x_prior=x_prior, extra_loss=extra_loss, x_true=x_true, batch_size=batch_size)
+                             x_prior=x_prior, extra_loss=extra_loss, x_true=x_true, batch_size=batch_size,
+                             floor=floor)
 
 
 _ig_jit = jax.jit(ig_reconstruct, static_argnames=("victim", "config", "extra_loss", "batch_size"))

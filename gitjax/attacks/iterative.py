@@ -84,7 +84,7 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
                       labels: Array | None, key: PRNGKey, config: Any, match: MatchFn, *,
                       x_init: Array | None = None, x_prior: Array | None = None,
                       extra_loss: ExtraLoss | None = None, x_true: Array | None = None,
-                      batch_size: int | None = None) -> tuple[Array, dict[str, Array]]:
+                      batch_size: int | None = None, floor: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Gradient matching with signed Adam and restarts (pure; jit with victim, config, match static).
 
     ``config`` needs: steps, lr, signed, lr_decay, restarts, init, tv_weight, prior_weight,
@@ -92,6 +92,12 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     start_lr (> 0: fixed step for the run from ``x_init``;
     0: ``start_step_size``; absent: config.lr) and start_resolved (> 0: an ``x_init`` whose
     gradient distance is at most this is returned unchanged).
+
+    ``floor``: the distance the truth itself has (noise on the leaked gradient,
+    ``losses.noise_floor``). Given, iterates and restarts are chosen by their distance above
+    it, ``max(d - floor, 0)``: the first iterate to reach it is kept (Morozov's discrepancy
+    principle), the start's step scales with its excess, and a run from ``x_init`` that
+    reaches it wins the tie. The reported distances are then these excesses.
 
     Returns x_BxHxWxC in [0, 1] and info arrays: grad_distance (scalar), labels (B,),
     loss (T,), psnr (T // record_every,), restart_grad_distance (R,), restart_index.
@@ -106,9 +112,12 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     def distance(x_BxHxWxC: Array) -> Array:
         return match(on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support), target_grads)
 
+    def excess(d: Array) -> Array:  # the selection score: the distance, or its excess over the noise floor
+        return d if floor is None else jnp.maximum(d - floor, 0.0)
+
     def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
         d = distance(x_BxHxWxC)
-        return d + reg(x_BxHxWxC), d  # minimise the sum; select by the distance alone
+        return d + reg(x_BxHxWxC), excess(d)  # minimise the sum; select by the distance alone
 
     metric = None if x_true is None else (lambda x: batch_psnr(x, x_true))
     keys_R = jax.random.split(k_run, config.restarts)
@@ -120,7 +129,7 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
         # result is the better, by gradient distance, of "without the start" and "from it".
         x_init = jnp.clip(x_init, 0.0, 1.0)
         x0_R = x0_R.at[-1].set(x_init)
-        d_start = jax.lax.stop_gradient(distance(x_init))  # the start's quality: step size, kept start
+        d_start = jax.lax.stop_gradient(excess(distance(x_init)))  # the start's quality: step, kept start
         start_lr = getattr(config, "start_lr", None)
         if start_lr is None:
             lr0 = config.lr
@@ -128,7 +137,7 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
             lr0 = start_lr
         else:
             # A random image (the first restart's init) is the reference for "how good is the start".
-            d_rand = distance(init_images(keys_R[0], x_init.shape, config.init))
+            d_rand = excess(distance(init_images(keys_R[0], x_init.shape, config.init)))
             lr0 = start_step_size(config.lr, d_start, jax.lax.stop_gradient(d_rand))
         lr_R = lr_R.at[-1].set(lr0)
 
@@ -138,7 +147,7 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
                           has_aux=True)
         return x, trace, trace.best_score
 
-    best = best_of_restarts(one_run, x0_R, lr_R)
+    best = best_of_restarts(one_run, x0_R, lr_R, prefer_last=x_init is not None and floor is not None)
     x_out, info = best.x, best.info()
     resolved = getattr(config, "start_resolved", 0.0)
     if x_init is not None and resolved > 0:
