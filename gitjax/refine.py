@@ -102,7 +102,8 @@ class Trace(NamedTuple):
 
 def refine(objective: Objective, x0: X, optimizer: optax.GradientTransformation, num_steps: int, *,
            project: Callable[[X], X] | None = clamp01, record_every: int = 0,
-           metric_fn: Callable[[X], Array] | None = None, has_aux: bool = False) -> tuple[X, Trace]:
+           metric_fn: Callable[[X], Array] | None = None, has_aux: bool = False,
+           ties_to_later: Array | bool = False) -> tuple[X, Trace]:
     """Minimises ``objective`` from ``x0``; returns (best iterate, trace).
 
     Args:
@@ -121,6 +122,10 @@ def refine(objective: Objective, x0: X, optimizer: optax.GradientTransformation,
       project: applied to x0 and after every step (default: clip to [0, 1]); None = none.
       record_every: record ``metric_fn`` every this many steps (0 = never).
       metric_fn: x -> scalar, e.g. PSNR against the ground truth.
+      ties_to_later: an iterate whose score equals the best so far replaces it (bool, or
+        an array broadcast against the score: per stacked problem). Off, the first iterate
+        to reach the best score is kept; on, the last (a score floored at 0 is then "reach
+        the floor, then keep minimising the loss").
 
     NaN scores never select an iterate, so a run that diverges returns its last
     finite point (or x0).
@@ -151,7 +156,7 @@ def refine(objective: Objective, x0: X, optimizer: optax.GradientTransformation,
 
     def keep_better(best, cand):
         (bx, bl, bs), (cx, cl, cs) = best, cand
-        better = cs < bs  # False for NaN; (N,) for a vector score: one choice per leading index
+        better = (cs < bs) | (ties_to_later & (cs == bs))  # False for NaN; (N,) for a vector score
 
         def pick(b, c):
             return jnp.where(better.reshape(better.shape + (1,) * (c.ndim - better.ndim)), c, b)

@@ -58,6 +58,19 @@ def test_refine_selects_by_score_not_loss():
     np.testing.assert_allclose(float(tr.best_loss), float(obj(x)[0]), rtol=1e-6)
 
 
+def test_ties_to_later_keeps_the_last_iterate_at_a_floored_score():
+    # The score is 0 once x >= 0.3 (a noise floor reached); the loss keeps pulling x to 1.
+    obj = lambda x: (jnp.sum((x - 1.0) ** 2), jnp.maximum(0.3 - x[0], 0.0))
+    first, _ = refine(obj, jnp.zeros(1), optax.sgd(0.1), 40, has_aux=True)
+    last, _ = refine(obj, jnp.zeros(1), optax.sgd(0.1), 40, has_aux=True, ties_to_later=True)
+    assert 0.3 <= float(first[0]) < 0.45 and float(last[0]) > 0.95
+    # Per stacked problem: one keeps its first iterate at the floor, the other its last.
+    obj2 = lambda x: (jnp.sum((x - 1.0) ** 2), jnp.maximum(0.3 - x[:, 0], 0.0))
+    both, _ = refine(obj2, jnp.zeros((2, 1)), optax.sgd(0.1), 40, has_aux=True,
+                     ties_to_later=jnp.array([False, True]))
+    np.testing.assert_allclose(np.asarray(both[:, 0]), [float(first[0]), float(last[0])], rtol=1e-6)
+
+
 def test_vector_score_selects_per_problem_like_separate_runs():
     # Two stacked problems, one step size each: the same as two separate runs.
     t_2x3 = jnp.array([[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]])

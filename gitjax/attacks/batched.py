@@ -143,8 +143,12 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     x0_M = x0_NxR.reshape(n * r, *shape)
     lr_M = lr_NxR.reshape(n * r, *(1,) * len(shape))  # one signed step size per group
     opt = ig_optimizer(lr_M, config.steps, config.signed, config.lr_decay)
+    # At a known floor: random restarts keep their last iterate there, the start's run its first.
+    later_NxR = jnp.full((n, r), noisy)
+    if x_init_N is not None:
+        later_NxR = later_NxR.at[:, -1].set(False)
     x_M, trace = refine(objective, x0_M, opt, config.steps, record_every=config.record_every, metric_fn=metric,
-                        has_aux=True)
+                        has_aux=True, ties_to_later=later_NxR.reshape(n * r))
     d_NxR = trace.best_score.reshape(n, r)
     i_N = argmin_runs(d_NxR, prefer_last=noisy and x_init_N is not None, axis=1)
     pick = lambda a_M: jnp.take_along_axis(a_M.reshape(n, r, *a_M.shape[1:]),

@@ -65,9 +65,10 @@ class IGConfig:
         magnitude (top-k drops only entries at most that large); False ignores them.
       noise_std: std of Gaussian noise the attacker knows is on the leaked gradient (a
         published DP level; 0: none known). > 0: iterates and restarts are chosen by their
-        distance above the truth's expected distance (``losses.noise_floor``), so a run stops
-        fitting once it reaches the noise (the first iterate there is kept) and a run from
-        ``x_init`` that reaches it wins; reported distances are these excesses.
+        distance above the truth's expected distance (``losses.noise_floor``): the run from
+        ``x_init`` stops at its first iterate that reaches the noise and wins a tie with the
+        random restarts, which keep their last iterate there; reported distances are these
+        excesses (``iterative.match_reconstruct``).
     """
 
     steps: int = 1000

@@ -95,9 +95,12 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
 
     ``floor``: the distance the truth itself has (noise on the leaked gradient,
     ``losses.noise_floor``). Given, iterates and restarts are chosen by their distance above
-    it, ``max(d - floor, 0)``: the first iterate to reach it is kept (Morozov's discrepancy
-    principle), the start's step scales with its excess, and a run from ``x_init`` that
-    reaches it wins the tie. The reported distances are then these excesses.
+    it, ``max(d - floor, 0)`` (Morozov's discrepancy principle: any image that explains the
+    gradient down to the noise is consistent with it; the prior decides among them). The run
+    from ``x_init`` keeps its first iterate at the floor (the closest to the prior's output)
+    and wins a tie with the random restarts; a random restart keeps its last one (at the floor
+    it goes on minimising the regularised objective, as without a floor); the start's step
+    scales with its excess. The reported distances are then these excesses.
 
     Returns x_BxHxWxC in [0, 1] and info arrays: grad_distance (scalar), labels (B,),
     loss (T,), psnr (T // record_every,), restart_grad_distance (R,), restart_index.
@@ -141,13 +144,18 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
             lr0 = start_step_size(config.lr, d_start, jax.lax.stop_gradient(d_rand))
         lr_R = lr_R.at[-1].set(lr0)
 
-    def one_run(x0: Array, lr: Array):
+    # With a floor, random restarts keep their last iterate at it, the start's run its first.
+    later_R = jnp.full((config.restarts,), floor is not None)
+    if x_init is not None:
+        later_R = later_R.at[-1].set(False)
+
+    def one_run(x0: Array, lr: Array, later: Array):
         opt = ig_optimizer(lr, config.steps, config.signed, config.lr_decay)
         x, trace = refine(objective, x0, opt, config.steps, record_every=config.record_every, metric_fn=metric,
-                          has_aux=True)
+                          has_aux=True, ties_to_later=later)
         return x, trace, trace.best_score
 
-    best = best_of_restarts(one_run, x0_R, lr_R, prefer_last=x_init is not None and floor is not None)
+    best = best_of_restarts(one_run, x0_R, lr_R, later_R, prefer_last=x_init is not None and floor is not None)
     x_out, info = best.x, best.info()
     resolved = getattr(config, "start_resolved", 0.0)
     if x_init is not None and resolved > 0:
