@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gitjax.attacks.ig import IGConfig
-from gitjax.attacks.iterative import keep_resolved_start, labels_or_recovered, start_step_size
+from gitjax.attacks.iterative import (above_floor, floor_ties_to_later, keep_resolved_start, labels_or_recovered,
+                                     start_step_size)
 from gitjax.layout import GradientLayout, check_finite
 from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
@@ -106,10 +107,8 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
 
     # With a known noise level, runs are scored by their distance above the truth's (as ig_reconstruct).
     noisy = config.noise_std > 0
-    floor_M = jax.vmap(lambda t: noise_floor(t, config.noise_std, weights))(t_M) if noisy else None
-
-    def excess(d_M: Array) -> Array:
-        return jnp.maximum(d_M - floor_M, 0.0) if noisy else d_M
+    floor_M = rep(jax.vmap(lambda t: noise_floor(t, config.noise_std, weights))(grads_N)) if noisy else None
+    excess = functools.partial(above_floor, floor=floor_M)
 
     if x_init_N is not None:
         x_init_N = jnp.clip(x_init_N, 0.0, 1.0)
@@ -143,12 +142,9 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     x0_M = x0_NxR.reshape(n * r, *shape)
     lr_M = lr_NxR.reshape(n * r, *(1,) * len(shape))  # one signed step size per group
     opt = ig_optimizer(lr_M, config.steps, config.signed, config.lr_decay)
-    # At a known floor: random restarts keep their last iterate there, the start's run its first.
-    later_NxR = jnp.full((n, r), noisy)
-    if x_init_N is not None:
-        later_NxR = later_NxR.at[:, -1].set(False)
+    later_M = jnp.tile(floor_ties_to_later(r, noisy, x_init_N is not None), n)  # problem-major, as x0_M
     x_M, trace = refine(objective, x0_M, opt, config.steps, record_every=config.record_every, metric_fn=metric,
-                        has_aux=True, ties_to_later=later_NxR.reshape(n * r))
+                        has_aux=True, ties_to_later=later_M)
     d_NxR = trace.best_score.reshape(n, r)
     i_N = argmin_runs(d_NxR, prefer_last=noisy and x_init_N is not None, axis=1)
     pick = lambda a_M: jnp.take_along_axis(a_M.reshape(n, r, *a_M.shape[1:]),

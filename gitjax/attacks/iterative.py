@@ -80,6 +80,18 @@ def keep_resolved_start(x: Array, d: Array, index: Array, x_start: Array, d_star
     return jnp.where(keep, x_start, x), jnp.where(keep, d_start, d), jnp.where(keep, start_index, index)
 
 
+def above_floor(d: Array, floor: Array | None) -> Array:
+    """The selection score of a gradient distance: itself, or its excess over a known noise floor."""
+    return d if floor is None else jnp.maximum(d - floor, 0.0)
+
+
+def floor_ties_to_later(restarts: int, floored: bool, with_start: bool) -> Array:
+    """``refine``'s ``ties_to_later`` per restart (R,): at a noise floor a random restart keeps its
+    last iterate there, the run from a start (the last slot) its first; without a floor, none."""
+    later_R = jnp.full((restarts,), floored)
+    return later_R.at[-1].set(False) if with_start else later_R
+
+
 def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_grads: Grads,
                       labels: Array | None, key: PRNGKey, config: Any, match: MatchFn, *,
                       x_init: Array | None = None, x_prior: Array | None = None,
@@ -115,12 +127,9 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     def distance(x_BxHxWxC: Array) -> Array:
         return match(on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support), target_grads)
 
-    def excess(d: Array) -> Array:  # the selection score: the distance, or its excess over the noise floor
-        return d if floor is None else jnp.maximum(d - floor, 0.0)
-
     def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
         d = distance(x_BxHxWxC)
-        return d + reg(x_BxHxWxC), excess(d)  # minimise the sum; select by the distance alone
+        return d + reg(x_BxHxWxC), above_floor(d, floor)  # minimise the sum; select by the distance alone
 
     metric = None if x_true is None else (lambda x: batch_psnr(x, x_true))
     keys_R = jax.random.split(k_run, config.restarts)
@@ -132,7 +141,7 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
         # result is the better, by gradient distance, of "without the start" and "from it".
         x_init = jnp.clip(x_init, 0.0, 1.0)
         x0_R = x0_R.at[-1].set(x_init)
-        d_start = jax.lax.stop_gradient(excess(distance(x_init)))  # the start's quality: step, kept start
+        d_start = jax.lax.stop_gradient(above_floor(distance(x_init), floor))  # the start's quality: step, kept start
         start_lr = getattr(config, "start_lr", None)
         if start_lr is None:
             lr0 = config.lr
@@ -140,14 +149,11 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
             lr0 = start_lr
         else:
             # A random image (the first restart's init) is the reference for "how good is the start".
-            d_rand = excess(distance(init_images(keys_R[0], x_init.shape, config.init)))
+            d_rand = above_floor(distance(init_images(keys_R[0], x_init.shape, config.init)), floor)
             lr0 = start_step_size(config.lr, d_start, jax.lax.stop_gradient(d_rand))
         lr_R = lr_R.at[-1].set(lr0)
 
-    # With a floor, random restarts keep their last iterate at it, the start's run its first.
-    later_R = jnp.full((config.restarts,), floor is not None)
-    if x_init is not None:
-        later_R = later_R.at[-1].set(False)
+    later_R = floor_ties_to_later(config.restarts, floor is not None, x_init is not None)
 
     def one_run(x0: Array, lr: Array, later: Array):
         opt = ig_optimizer(lr, config.steps, config.signed, config.lr_decay)
