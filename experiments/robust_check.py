@@ -9,8 +9,10 @@ configs. Each table carries the oracle rows of its images.
 
     python -m experiments.robust_check --prior robust=runs/lenet_robust --prior exact=gitjax/priors/lenet_exact \\
         [--num-images 32] [--steps 200] [--conditions clean,noise-1e-3,noise-1e-2,prune-0.9,prune-0.99] \\
-        [--out outputs/robust_check] [--split train] [--ig-support bound|mask|frac|off] [--known-noise]
+        [--out outputs/robust_check] [--split train] [--ig-support bound|mask|frac|off] [--known-noise] [--holdout 0.2]
 
+``--holdout F`` adds GIT+IG rows whose refinement is cross-validated (``IGConfig.holdout``: fit
+on the other sent entries, keep the iterate, or GIT's start, best on a held-out fraction F).
 ``--known-noise`` adds, at each noise condition, IG and GIT+IG rows that know the noise std
 (``IGConfig.noise_std``: stop fitting at the noise floor); the default rows stay.
 
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="GIT+IG's IG step (default IG's own, 0.1; the start's step is this x its quality)")
     ap.add_argument("--known-noise", action="store_true",
                     help="also run IG and GIT+IG told the noise std at each gaussian condition (extra rows)")
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="> 0: also run GIT+IG selecting by a held-out fraction of the sent entries (extra rows)")
     ap.add_argument("--out", default="outputs/robust_check")
     args = ap.parse_args(argv)
     conditions = [c for c in args.conditions.split(",") if c]
@@ -103,25 +107,32 @@ def main(argv: list[str] | None = None) -> dict:
     x_Nx1, y_Nx1 = test.images[idx][:, None], np.asarray(test.labels[idx], np.int32)[:, None] % vic.num_classes
     key = jax.random.key(args.seed)
     # (row label, method, attacker, checkpoint): IG runs once, with the first prior's victim copy.
-    jobs = [("ig", "ig", first, None, False)]
+    # The last field: "known" (the noise std is given), "holdout" (cross-validated selection) or "".
+    jobs = [("ig", "ig", first, None, "")]
     for name, (workdir, att) in priors.items():
-        jobs += [(f"git ({name})", "git", att, workdir, False), (f"git+ig ({name})", "git+ig", att, workdir, False)]
+        jobs += [(f"git ({name})", "git", att, workdir, ""), (f"git+ig ({name})", "git+ig", att, workdir, "")]
     if args.known_noise:
-        jobs += [("ig (known noise)", "ig", first, None, True)]
-        jobs += [(f"git+ig ({name}, known noise)", "git+ig", att, workdir, True)
+        jobs += [("ig (known noise)", "ig", first, None, "known")]
+        jobs += [(f"git+ig ({name}, known noise)", "git+ig", att, workdir, "known")
+                 for name, (workdir, att) in priors.items()]
+    if args.holdout > 0:
+        jobs += [(f"git+ig ({name}, holdout {args.holdout:g})", "git+ig", att, workdir, "holdout")
                  for name, (workdir, att) in priors.items()]
     table: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     oracles: dict[str, dict[str, float]] = {}
     for cond in conditions:
         defense, dargs = CONDITIONS[cond]
-        for label, method, att, workdir, known in jobs:
-            if known and defense != "gaussian":
+        for label, method, att, workdir, variant in jobs:
+            if variant == "known" and defense != "gaussian":
                 continue
             t0 = time.perf_counter()
-            noise_std = dargs["std"] if known else 0.0
+            noise_std = dargs["std"] if variant == "known" else 0.0
             cfg = with_ig_support(method_config(method, checkpoint=workdir, steps=args.steps, noise_std=noise_std),
                                   args.ig_support)
+            if variant == "holdout":
+                cfg = dataclasses.replace(cfg, refine_config=dataclasses.replace(cfg.refine_config,
+                                                                                 holdout=args.holdout))
             if args.refine_lr is not None and method == "git+ig":
                 cfg = dataclasses.replace(cfg, refine_config=dataclasses.replace(cfg.refine_config,
                                                                                  lr=args.refine_lr))

@@ -206,15 +206,17 @@ class AttackJob:
     plot: bool
     data_dir: str | None = None
     known_noise: bool = False
+    holdout: float = 0.0
 
 
 def attack_config(job: AttackJob) -> Any:
     """The method's config for ``job``: defaults, ``--steps`` for iterative methods (the refinement of git+*),
-    and with ``known_noise`` the gaussian defence's std as IG's known noise level."""
+    with ``known_noise`` the gaussian defence's std as IG's known noise level, and ``holdout``."""
     from gitjax.pipeline import method_config
 
     noise_std = float(job.defense_args.get("std", 0.0)) if job.known_noise else 0.0
-    return method_config(job.method, checkpoint=job.checkpoint, steps=job.steps, noise_std=noise_std)
+    return method_config(job.method, checkpoint=job.checkpoint, steps=job.steps, noise_std=noise_std,
+                         holdout=job.holdout)
 
 
 def run_attack_job(job: AttackJob, progress: bool = True) -> dict[str, Any]:
@@ -311,6 +313,13 @@ def validate_attack(args: argparse.Namespace) -> None:
         from gitjax.pipeline import method_config
 
         method_config(args.method, checkpoint=args.checkpoint, noise_std=float(args.defense_kwargs["std"]))
+    if getattr(args, "holdout", 0.0):
+        validate.number_in(args.holdout, "--holdout", 0.0, 1.0, hi_open=True)
+        if getattr(args, "known_noise", False):
+            raise GitjaxError("--holdout and --known-noise are two ways to pick the refinement's result: use one")
+        from gitjax.pipeline import method_config
+
+        method_config(args.method, checkpoint=args.checkpoint, holdout=float(args.holdout))
     if args.out is not None:
         validate.output_dir(args.out, "--out")
     _use_data_dir(args)
@@ -337,7 +346,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     job = AttackJob(args.method, args.victim, args.data, args.split, args.num_images, args.batch_size, args.seed,
                     args.steps, args.checkpoint or "", args.defense,
                     _parse_kv(args.defense_arg) if kwargs is None else kwargs, out, args.plot, args.data_dir,
-                    getattr(args, "known_noise", False))
+                    getattr(args, "known_noise", False), float(getattr(args, "holdout", 0.0) or 0.0))
     summary = run_attack_job(job, progress=not args.quiet)
     table = summary.pop("table")
     print(format_table([summary]))
@@ -517,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--known-noise", action="store_true",
                    help="ig, git+ig: the attacker knows the gaussian defence's std and stops fitting the "
                         "gradient at the noise floor (IGConfig.noise_std)")
+    s.add_argument("--holdout", type=float, default=0.0, metavar="F",
+                   help="ig, git+ig: fit on the other sent gradient entries and keep the iterate (or GIT's "
+                        "start) best on a held-out fraction F of them, e.g. 0.2 (IGConfig.holdout; helps under "
+                        "heavy noise)")
     s.set_defaults(fn=cmd_attack, check=validate_attack)
 
     s = sub.add_parser("experiment", help="robustness study (gitjax.study); exit code 1 if a run failed",

@@ -6,6 +6,7 @@ Gradient distances (the data term), compared leaf by leaf over a gradient pytree
   * ``cosine_distance``: 1 - <g, t> / (|g| |t|) over the whole gradient (Inverting
     Gradients, Geiping et al. 2020), optionally with per-layer weights (``layer_weights``).
   * ``noise_floor``: the cosine distance the truth itself has under known Gaussian noise.
+  * ``holdout_masks`` / ``masked``: fit on some sent entries, judge on the held-out rest.
 
 Image regularisers (the prior term), on a batch x_BxHxWxC in [0, 1]:
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gitjax.layout import GradientLayout
-from gitjax.types import Array, Grads
+from gitjax.types import Array, Grads, PRNGKey
 
 ExtraLoss = Callable[[Array], Array]
 Distance = Callable[[Grads, Grads, "Grads | None"], Array]
@@ -187,6 +188,26 @@ def on_support(g: Grads, support: Support | None) -> Grads:
         return m * a + (1.0 - m) * (a - jnp.clip(a, -b, b))
 
     return jax.tree_util.tree_map(leaf, g, support.mask, support.bound)
+
+
+def holdout_masks(key: PRNGKey, target: Grads, support: Support | None, fraction: float) -> tuple[Grads, Grads]:
+    """(fit, held_out) 0/1 masks per leaf: each sent entry of ``target`` is held out with
+    probability ``fraction`` (entries not sent, ``support.mask`` 0, always stay in ``fit``,
+    where ``on_support`` bounds them). A fit that is then judged on the held-out entries alone
+    is cross-validated: an image that only fits the entries it was fitted to (noise; the few
+    entries a 99 %-pruned update sends) scores no better there than a start that never saw
+    them. Pure; one draw per leaf from ``key``."""
+    leaves, treedef = jax.tree_util.tree_flatten(target)
+    sent = [jnp.ones_like(t) for t in leaves] if support is None else jax.tree_util.tree_leaves(support.mask)
+    keys = jax.random.split(key, len(leaves))
+    held = [(jax.random.uniform(k, t.shape) < fraction).astype(t.dtype) * m for k, t, m in zip(keys, leaves, sent)]
+    return (jax.tree_util.tree_unflatten(treedef, [1.0 - h for h in held]),
+            jax.tree_util.tree_unflatten(treedef, held))
+
+
+def masked(g: Grads, mask: Grads) -> Grads:
+    """``g`` with the entries where ``mask`` is 0 set to 0 (a distance then reads only the rest)."""
+    return jax.tree_util.tree_map(jnp.multiply, g, mask)
 
 
 # ----------------------------------------------------------------------------- image regularisers

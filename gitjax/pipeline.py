@@ -157,11 +157,12 @@ def default_refine_config(refine: str) -> Any:
 
 
 def method_config(method: str, *, checkpoint: str | None = None, steps: int | None = None,
-                  noise_std: float = 0.0) -> Any:
+                  noise_std: float = 0.0, holdout: float = 0.0) -> Any:
     """The registry config of ``method`` as ``gitjax attack`` runs it: the defaults, ``steps``
     for an iterative method (for git+ig / git+dlg: of the refinement), ``checkpoint`` for GIT,
-    and ``noise_std`` (> 0: the known noise level, ``IGConfig.noise_std``) where the method or
-    its refinement takes one; a method that cannot use it is refused."""
+    ``noise_std`` (> 0: the known noise level, ``IGConfig.noise_std``) and ``holdout`` (> 0:
+    cross-validated selection, ``IGConfig.holdout``) where the method or its refinement takes
+    them; a method that cannot use one is refused."""
     from gitjax.attacks import get_attack
 
     spec = get_attack(method)
@@ -172,24 +173,30 @@ def method_config(method: str, *, checkpoint: str | None = None, steps: int | No
             sub = default_refine_config(spec.refine)
             if steps is not None:
                 sub = dataclasses.replace(sub, steps=steps)
-            config = dataclasses.replace(config, refine=spec.refine, refine_config=_with_noise(sub, noise_std, method))
-        elif noise_std:
-            _with_noise(config, noise_std, method)  # refuses: one-shot GIT has no noise setting
+            config = dataclasses.replace(config, refine=spec.refine,
+                                         refine_config=_with_ig_fields(sub, method, noise_std, holdout))
+        else:
+            _with_ig_fields(config, method, noise_std, holdout)  # refuses: one-shot GIT has neither setting
     else:
         if steps is not None and hasattr(config, "steps"):
             config = dataclasses.replace(config, steps=steps)
-        config = _with_noise(config, noise_std, method)
+        config = _with_ig_fields(config, method, noise_std, holdout)
     return config
 
 
-def _with_noise(config: Any, noise_std: float, method: str) -> Any:
-    """``config`` with ``noise_std`` set (0: unchanged); GitjaxError where it has no such field."""
-    if not noise_std:
-        return config
-    if not hasattr(config, "noise_std"):
-        raise GitjaxError(f"method {method!r} cannot use a known noise level; use ig or git+ig, "
-                          "or drop the known noise")
-    return dataclasses.replace(config, noise_std=float(noise_std))
+_IG_FIELDS = {"noise_std": "a known noise level", "holdout": "held-out selection"}
+
+
+def _with_ig_fields(config: Any, method: str, noise_std: float = 0.0, holdout: float = 0.0) -> Any:
+    """``config`` with IG's ``noise_std`` / ``holdout`` set where nonzero; GitjaxError where it has no such field."""
+    for field, value in (("noise_std", noise_std), ("holdout", holdout)):
+        if not value:
+            continue
+        if not hasattr(config, field):
+            raise GitjaxError(f"method {method!r} cannot use {_IG_FIELDS[field]}; use ig or git+ig, "
+                              f"or drop it")
+        config = dataclasses.replace(config, **{field: float(value)})
+    return config
 
 
 def _take(tree: Any, sl: slice) -> Any:

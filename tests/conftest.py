@@ -1,8 +1,22 @@
 """Test session setup, before JAX starts its backend: 8 simulated CPU devices and the CLI's XLA:CPU flags."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# Most of the suite's time is XLA compilation, and many tests compile the same programs (the same victim,
+# attack and size in another test, file or xdist worker, or a CLI subprocess). A persistent compilation
+# cache shared by this session's processes compiles each program once. It lives in a fresh temporary
+# directory per session (the pytest process that creates it removes it), so timings stay honest and no run
+# reuses another run's executables.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="gitjax-test-jit-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs repeat the most
 
 import gitjax  # noqa: E402  (does not import jax)
 

@@ -66,6 +66,20 @@ def test_known_noise_reaches_ig_and_the_git_refinement():
     assert cfg.refine_config.noise_std == 0.01 and cfg.refine_config.steps == 5
     assert attack_config(dataclasses.replace(job, method="ig")).noise_std == 0.01
     assert attack_config(dataclasses.replace(job, known_noise=False)).refine_config.noise_std == 0.0
+    held = attack_config(dataclasses.replace(job, known_noise=False, holdout=0.2))
+    assert held.refine_config.holdout == 0.2 and held.refine_config.noise_std == 0.0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "dlg", "--holdout", "0.2"], "cannot use held-out selection"),
+    (["--method", "ig", "--holdout", "1.5"], "--holdout must be a finite number in [0, 1)"),
+    (["--method", "ig", "--holdout", "0.2", "--known-noise", "--defense", "gaussian", "--defense-arg", "std=0.01"],
+     "use one"),
+])
+def test_holdout_misuse_is_one_line(argv, needle, capsys):
+    assert main(["attack", "--victim", "mlp", *argv]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and needle in err[0], err
 
 
 # ----------------------------------------------------------------------------- train-prior -> attack, end to end

@@ -52,9 +52,10 @@ def test_robust_check_writes_one_column_per_condition_and_the_gain_row(exact_mlp
     from experiments import robust_check
 
     out = robust_check.main(["--prior", f"exact={exact_mlp_prior}", "--num-images", "2", "--steps", "3",
-                             "--conditions", "clean,noise-1e-2", "--out", str(tmp_path), "--known-noise"])
+                             "--conditions", "clean,noise-1e-2", "--out", str(tmp_path), "--known-noise",
+                             "--holdout", "0.2"])
     known = {"ig (known noise)", "git+ig (exact, known noise)"}
-    assert set(out["psnr"]) == {"ig", "git (exact)", "git+ig (exact)"} | known
+    assert set(out["psnr"]) == {"ig", "git (exact)", "git+ig (exact)", "git+ig (exact, holdout 0.2)"} | known
     assert all(set(v) == ({"noise-1e-2"} if k in known else {"clean", "noise-1e-2"}) for k, v in out["psnr"].items())
     assert set(out["oracles"]) == ORACLES
     # Exact-GIT inverts the clean gradient; 3 IG steps do not: the gain row says so.

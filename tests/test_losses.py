@@ -10,8 +10,8 @@ from gitjax.defenses import gaussian_noise, topk_prune
 
 from gitjax.layout import GradientLayout
 from gitjax.leakage import batch_grad
-from gitjax.losses import (DISTANCES, cosine_distance, image_regularisers, l2_distance, layer_weights, noise_floor,
-                           on_support, prior_penalty, pruned_support, total_variation)
+from gitjax.losses import (DISTANCES, cosine_distance, holdout_masks, image_regularisers, l2_distance, layer_weights,
+                           masked, noise_floor, on_support, prior_penalty, pruned_support, total_variation)
 from gitjax.victims import make_victim
 
 G = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}, "b": {"kernel": -jnp.ones((3, 2))}}
@@ -100,6 +100,28 @@ def test_pruned_support_masks_only_pruned_gradients():
     assert float(cosine_distance(on_support(beyond, pruned_support(t, 0.85, use_bound=False)), t)) < 1e-6
     jitted = jax.jit(lambda t: pruned_support(t, 0.85))(t)  # the per-leaf decision traces
     np.testing.assert_array_equal(np.asarray(jitted.mask["a"]), np.asarray(support.mask["a"]))
+
+
+def test_holdout_masks_split_the_sent_entries():
+    # fit + held-out = 1 everywhere; only sent entries are held out, about the stated fraction
+    # of them; the draw is a pure function of the key; a distance on the held-out entries reads
+    # nothing else.
+    t = {"a": jnp.zeros(4000).at[:2000].set(1.0), "b": jnp.ones(3000)}
+    support = pruned_support(t, 0.4)
+    fit, held = holdout_masks(jax.random.key(0), t, support, 0.25)
+    for k in t:
+        np.testing.assert_array_equal(np.asarray(fit[k] + held[k]), np.ones(t[k].shape, np.float32))
+    assert float(jnp.sum(held["a"][2000:])) == 0.0  # unsent entries stay in the fit (bounded there)
+    for k, n in (("a", 2000), ("b", 3000)):
+        frac = float(jnp.sum(held[k])) / n
+        assert abs(frac - 0.25) < 0.04, (k, frac)
+    again = holdout_masks(jax.random.key(0), t, support, 0.25)[1]
+    np.testing.assert_array_equal(np.asarray(again["b"]), np.asarray(held["b"]))
+    other = holdout_masks(jax.random.key(1), t, None, 0.25)[1]
+    assert float(jnp.sum(other["a"][2000:])) > 0  # without a support every entry counts as sent
+    g = {"a": t["a"] * (1.0 - held["a"]) - held["a"], "b": t["b"]}  # wrong only on held-out entries of a
+    assert float(cosine_distance(masked(g, fit), masked(t, fit))) < 1e-6
+    assert float(cosine_distance(masked(g, held), masked(t, held))) > 0.1
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet"])

@@ -28,13 +28,13 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gitjax.attacks.ig import IGConfig
-from gitjax.attacks.iterative import (above_floor, floor_ties_to_later, keep_resolved_start, labels_or_recovered,
-                                     start_step_size)
+from gitjax.attacks.iterative import (HOLDOUT_FOLD, above_floor, floor_ties_to_later, keep_resolved_start,
+                                     labels_or_recovered, start_step_size)
 from gitjax.layout import GradientLayout, check_finite
 from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
-from gitjax.losses import (cosine_distance, layer_weights, noise_floor, on_support, prior_penalty, pruned_support,
-                           support_rule, total_variation)
+from gitjax.losses import (cosine_distance, holdout_masks, layer_weights, masked, noise_floor, on_support,
+                           prior_penalty, pruned_support, support_rule, total_variation)
 from gitjax.refine import argmin_runs, ig_optimizer, init_images, refine
 from gitjax.types import Array, GitjaxError, Grads, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
@@ -105,6 +105,19 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
         g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M)
         return jax.vmap(lambda g, t: cosine_distance(g, t, weights))(g_M, t_M)
 
+    holdout = config.holdout > 0
+    if holdout:  # as match_reconstruct: one draw per problem from its own key, shared by its restarts
+        support_N = (jax.vmap(lambda t: pruned_support(t, *rule))(grads_N) if support_M is not None else None)
+        fit_N, held_N = jax.vmap(lambda k, t, s: holdout_masks(jax.random.fold_in(k, HOLDOUT_FOLD), t, s,
+                                                               config.holdout))(keys_N, grads_N, support_N)
+        fit_M, held_M = jax.tree_util.tree_map(rep, fit_N), jax.tree_util.tree_map(rep, held_N)
+        t_fit_M, t_held_M = masked(t_M, fit_M), masked(t_M, held_M)
+
+        def fit_and_held(x_M: Array) -> tuple[Array, Array]:
+            g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M)
+            d = jax.vmap(lambda g, t: cosine_distance(g, t, weights))
+            return d(masked(g_M, fit_M), t_fit_M), d(masked(g_M, held_M), t_held_M)
+
     # With a known noise level, runs are scored by their distance above the truth's (as ig_reconstruct).
     noisy = config.noise_std > 0
     floor_M = rep(jax.vmap(lambda t: noise_floor(t, config.noise_std, weights))(grads_N)) if noisy else None
@@ -125,13 +138,17 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     x_prior_M = None if x_prior_N is None else rep(x_prior_N)
 
     def objective(x_M: Array) -> tuple[Array, Array]:
-        d_M = distances(x_M)
+        if holdout:
+            d_M, score_M = fit_and_held(x_M)  # minimise on the fitted entries; select by the held-out ones
+        else:
+            d_M = distances(x_M)
+            score_M = excess(d_M)
         reg = jnp.float32(0.0)
         if config.tv_weight:
             reg = reg + config.tv_weight * jnp.sum(jax.vmap(total_variation)(x_M))
         if x_prior_M is not None and config.prior_weight:
             reg = reg + config.prior_weight * jnp.sum(jax.vmap(prior_penalty)(x_M, x_prior_M))
-        return jnp.sum(d_M) + reg, excess(d_M)
+        return jnp.sum(d_M) + reg, score_M
 
     metric = None
     if x_true_N is not None:

@@ -69,6 +69,11 @@ class IGConfig:
         ``x_init`` stops at its first iterate that reaches the noise and wins a tie with the
         random restarts, which keep their last iterate there; reported distances are these
         excesses (``iterative.match_reconstruct``).
+      holdout: fraction of the sent gradient entries held out of the objective; iterates and
+        restarts are then chosen by the distance on the held-out entries alone (cross-validated
+        selection: an iterate that only fits what it was fitted to, e.g. noise or the few
+        entries of a 99 %-pruned update, does not beat a start there). 0 turns it off; not
+        combined with ``noise_std``.
     """
 
     steps: int = 1000
@@ -87,6 +92,7 @@ class IGConfig:
     support_bound: bool = True
     support_gap: float = 0.15
     noise_std: float = 0.0
+    holdout: float = 0.0
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -99,6 +105,10 @@ class IGConfig:
             raise GitjaxError(f"IG support_gap must be in [0, 1), got {self.support_gap}")
         if not (self.noise_std >= 0.0 and self.noise_std < float("inf")):
             raise GitjaxError(f"IG noise_std must be a finite number >= 0, got {self.noise_std}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise GitjaxError(f"IG holdout must be in [0, 1), got {self.holdout}")
+        if self.holdout > 0 and self.noise_std > 0:
+            raise GitjaxError("IG holdout and noise_std are two selection rules: set one of them to 0")
         if self.steps < 1 or self.restarts < 1:
             raise GitjaxError(f"steps and restarts must be >= 1, got {self.steps}, {self.restarts}")
 

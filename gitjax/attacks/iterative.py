@@ -26,13 +26,14 @@ from gitjax.attacks.labels import estimate_mean_probs, recover_labels
 from gitjax.layout import GradientLayout
 from gitjax.trace import forward_order
 from gitjax.leakage import as_probs, batch_grad
-from gitjax.losses import ExtraLoss, image_regularisers, on_support, pruned_support, support_rule
+from gitjax.losses import ExtraLoss, holdout_masks, image_regularisers, masked, on_support, pruned_support, support_rule
 from gitjax.metrics import batch_psnr
 from gitjax.refine import best_of_restarts, ig_optimizer, init_images, refine
 from gitjax.types import Array, GitjaxError, Grads, InputShapeError, ModelState, Params, PRNGKey
 from gitjax.victims import Victim
 
 MatchFn = Callable[[Grads, Grads], Array]  # (dummy gradient, leaked gradient) -> distance
+HOLDOUT_FOLD = 0x401D  # the held-out entries' key is fold_in(attack key, this): other draws stay as without
 
 
 def infer_batch_size(labels: Array | None, x_init: Array | None, batch_size: int | None) -> int:
@@ -114,6 +115,13 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     it goes on minimising the regularised objective, as without a floor); the start's step
     scales with its excess. The reported distances are then these excesses.
 
+    ``config.holdout`` > 0 (optional field): a random ``holdout`` fraction of the sent entries
+    (``losses.holdout_masks``, drawn from ``fold_in(key, HOLDOUT_FOLD)``) is left out of the
+    objective, and iterates and restarts are chosen by the distance on those entries alone, so
+    a start that the refinement only over-fits (noise, a 99 %-pruned update) keeps winning. The
+    step size and ``start_resolved`` still read the full distance; the reported distances are
+    the held-out ones. Not combined with ``floor``.
+
     Returns x_BxHxWxC in [0, 1] and info arrays: grad_distance (scalar), labels (B,),
     loss (T,), psnr (T // record_every,), restart_grad_distance (R,), restart_index.
     """
@@ -123,13 +131,25 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     y_BxK = as_probs(labels, victim.num_classes)
     reg = image_regularisers(config.tv_weight, config.prior_weight, x_prior, extra_loss)
     support = pruned_support(target_grads, *support_rule(config))
+    holdout = getattr(config, "holdout", 0.0)
+    if holdout > 0 and floor is not None:
+        raise GitjaxError("holdout and a noise floor are two selection rules: use one")
 
     def distance(x_BxHxWxC: Array) -> Array:
         return match(on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support), target_grads)
 
-    def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
-        d = distance(x_BxHxWxC)
-        return d + reg(x_BxHxWxC), above_floor(d, floor)  # minimise the sum; select by the distance alone
+    if holdout > 0:
+        fit, held = holdout_masks(jax.random.fold_in(key, HOLDOUT_FOLD), target_grads, support, holdout)
+        t_fit, t_held = masked(target_grads, fit), masked(target_grads, held)
+
+        def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
+            g = on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support)
+            # minimise on the fitted entries; select by the held-out ones
+            return match(masked(g, fit), t_fit) + reg(x_BxHxWxC), match(masked(g, held), t_held)
+    else:
+        def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
+            d = distance(x_BxHxWxC)
+            return d + reg(x_BxHxWxC), above_floor(d, floor)  # minimise the sum; select by the distance alone
 
     metric = None if x_true is None else (lambda x: batch_psnr(x, x_true))
     keys_R = jax.random.split(k_run, config.restarts)
