@@ -85,8 +85,9 @@ def noise_floor(t: Grads, noise_std: float | Array, weights: Grads | None = None
     |g|^2 ~ |t|^2 - std^2 D (D the nonzero entries: a pruned entry carries no noise; sums
     per-layer weighted as in ``cosine_distance``) and <g, t> ~ |g|^2, so the truth sits near
     ``1 - sqrt(1 - std^2 D / |t|^2)``. An iterate below this distance fits the noise, not the
-    image (Morozov's discrepancy principle: stop at the noise level). Measured on the MLP victim (8 train patches, |g| ~ 18): floor
-    0.13663 vs the truth's 0.13652 at std 1e-2, 1.718e-3 vs 1.717e-3 at 1e-3
+    image (Morozov's discrepancy principle: stop at the noise level). Measured on the MLP
+    victim (8 train patches, |g| ~ 18): floor 0.13663 vs the truth's 0.13652 at std 1e-2,
+    1.718e-3 vs 1.717e-3 at 1e-3
     (``tests/test_losses.py`` checks the same over seeds).
     """
     tt = _weighted_sum(lambda a, b: jnp.sum(b * b), t, t, weights)

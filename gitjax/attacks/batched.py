@@ -99,24 +99,27 @@ def stacked_ig(victim: Victim, params: Params, state: ModelState, grads_N: Grads
     t_M, y_M = jax.tree_util.tree_map(rep, grads_N), rep(y_NxBxK)
 
     rule = support_rule(config)
-    support_M = jax.vmap(lambda t: pruned_support(t, *rule))(t_M) if rule[0] > 0 or rule[2] > 0 else None
+    # The support is a property of each problem's leaked gradient: found once per problem, shared by its restarts.
+    support_N = jax.vmap(lambda t: pruned_support(t, *rule))(grads_N) if rule[0] > 0 or rule[2] > 0 else None
+    support_M = jax.tree_util.tree_map(rep, support_N)
+    cosine_M = jax.vmap(lambda g, t: cosine_distance(g, t, weights))
+
+    def dummy_grads(x_M: Array) -> Grads:
+        return on_support(group_grads(victim, params, state, x_M, y_M), support_M)
 
     def distances(x_M: Array) -> Array:
-        g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M)
-        return jax.vmap(lambda g, t: cosine_distance(g, t, weights))(g_M, t_M)
+        return cosine_M(dummy_grads(x_M), t_M)
 
     holdout = config.holdout > 0
     if holdout:  # as match_reconstruct: one draw per problem from its own key, shared by its restarts
-        support_N = (jax.vmap(lambda t: pruned_support(t, *rule))(grads_N) if support_M is not None else None)
         fit_N, held_N = jax.vmap(lambda k, t, s: holdout_masks(jax.random.fold_in(k, HOLDOUT_FOLD), t, s,
                                                                config.holdout))(keys_N, grads_N, support_N)
         fit_M, held_M = jax.tree_util.tree_map(rep, fit_N), jax.tree_util.tree_map(rep, held_N)
         t_fit_M, t_held_M = masked(t_M, fit_M), masked(t_M, held_M)
 
         def fit_and_held(x_M: Array) -> tuple[Array, Array]:
-            g_M = on_support(group_grads(victim, params, state, x_M, y_M), support_M)
-            d = jax.vmap(lambda g, t: cosine_distance(g, t, weights))
-            return d(masked(g_M, fit_M), t_fit_M), d(masked(g_M, held_M), t_held_M)
+            g_M = dummy_grads(x_M)
+            return cosine_M(masked(g_M, fit_M), t_fit_M), cosine_M(masked(g_M, held_M), t_held_M)
 
     # With a known noise level, runs are scored by their distance above the truth's (as ig_reconstruct).
     noisy = config.noise_std > 0

@@ -135,15 +135,18 @@ def match_reconstruct(victim: Victim, params: Params, state: ModelState, target_
     if holdout > 0 and floor is not None:
         raise GitjaxError("holdout and a noise floor are two selection rules: use one")
 
+    def dummy_grads(x_BxHxWxC: Array) -> Grads:
+        return on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support)
+
     def distance(x_BxHxWxC: Array) -> Array:
-        return match(on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support), target_grads)
+        return match(dummy_grads(x_BxHxWxC), target_grads)
 
     if holdout > 0:
         fit, held = holdout_masks(jax.random.fold_in(key, HOLDOUT_FOLD), target_grads, support, holdout)
         t_fit, t_held = masked(target_grads, fit), masked(target_grads, held)
 
         def objective(x_BxHxWxC: Array) -> tuple[Array, Array]:
-            g = on_support(batch_grad(victim, params, state, x_BxHxWxC, y_BxK), support)
+            g = dummy_grads(x_BxHxWxC)
             # minimise on the fitted entries; select by the held-out ones
             return match(masked(g, fit), t_fit) + reg(x_BxHxWxC), match(masked(g, held), t_held)
     else:
