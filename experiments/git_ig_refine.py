@@ -9,9 +9,11 @@ and GIT+IG variants, all vmapped over the N gradients (``batched_attack``):
     the result with the lowest gradient distance wins.
   * ``start=LR``: one run from GIT's output only, fixed signed-Adam step LR.
   * ``auto``: one run from GIT's output only, step scaled to its gradient distance.
+  * ``holdout=F``: the default refinement with held-out selection (``IGConfig.holdout`` = F:
+    fit on the other sent entries, pick iterate, restart or start on a held-out fraction F).
 
     python -m experiments.git_ig_refine --checkpoint runs/lenet-exact --data patches --split test \\
-        --num-images 16 --steps 200 [--variants git+ig,auto,start=0.05] [--out result.json]
+        --num-images 16 --steps 200 [--variants git+ig,auto,start=0.05,holdout=0.2] [--out result.json]
 
 Prints one JSON line: mean PSNR per method, ``margin`` = git+ig - max(git, ig) (the
 target is >= -0.2 dB), the oracle rows of the same images (mean image of the prior's
@@ -50,7 +52,10 @@ def variant_config(name: str, steps: int) -> IGConfig:
         return dataclasses.replace(base, start_lr=0.0)
     if name.startswith("start="):
         return dataclasses.replace(base, start_lr=float(name.split("=", 1)[1]))
-    raise SystemExit(f"unknown variant {name!r}; use git+ig, auto or start=LR")
+    if name.startswith("holdout="):
+        held = dataclasses.replace(base, holdout=float(name.split("=", 1)[1]))
+        return git.refine_setup(git.GITConfig(refine="ig", refine_config=held))[1]
+    raise SystemExit(f"unknown variant {name!r}; use git+ig, auto, start=LR or holdout=F")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -42,10 +42,15 @@ def test_compare_generators_scores_given_priors_with_oracle_rows(exact_mlp_prior
 
 
 def test_git_ig_refine_reports_margin_and_oracles(exact_mlp_prior):
-    out = git_ig_refine.main(["--checkpoint", exact_mlp_prior, "--num-images", "2", "--steps", "4"])
-    assert set(out["mean_psnr"]) == {"git", "ig", "git+ig"} and set(out["oracles"]) == ORACLES
-    # The refinement keeps an exact start: never below GIT one-shot by more than rounding.
-    assert out["margin"]["git+ig"] >= -0.2
+    out = git_ig_refine.main(["--checkpoint", exact_mlp_prior, "--num-images", "2", "--steps", "4",
+                              "--variants", "git+ig,holdout=0.2"])
+    assert set(out["mean_psnr"]) == {"git", "ig", "git+ig", "holdout=0.2"} and set(out["oracles"]) == ORACLES
+    # The refinement keeps an exact start: never below GIT one-shot by more than rounding; held-out
+    # selection compares the start on entries it never fitted, and keeps it too.
+    assert out["margin"]["git+ig"] >= -0.2 and out["margin"]["holdout=0.2"] >= -0.2
+    with pytest.raises(SystemExit, match="holdout=F"):
+        git_ig_refine.variant_config("nonsense", 4)
+    assert git_ig_refine.variant_config("holdout=0.3", 4).holdout == 0.3
 
 
 def test_robust_check_writes_one_column_per_condition_and_the_gain_row(exact_mlp_prior, tmp_path):
