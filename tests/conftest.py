@@ -25,31 +25,3 @@ gitjax.configure_xla_cpu()  # the same XLA:CPU scheduler workaround as the CLI (
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-
-
-# The suite runs on two xdist workers, one whole file at a time (``--dist loadfile``). xdist's default
-# queue puts files with many tests first, so the heaviest files (few, long tests) started last and one
-# worker idled for minutes at the end. Longest-first scheduling needs the order below and
-# ``--no-loadscope-reorder`` (pyproject.toml). Measured per-file seconds, 2-core CPU, 2026-12-07
-# (``pytest --durations=80``); files not listed keep their place after these.
-HEAVIEST_FIRST = (
-    "test_bn_prior.py",  # 180 s
-    "test_study.py",  # 164 s
-    "test_refine.py",  # 143 s
-    "test_train.py",  # 132 s
-    "test_per_example.py",  # 114 s
-    "test_benchmarks.py",  # 101 s
-    "test_generators.py",  # 89 s
-    "test_dlg_ig.py",  # 55 s
-    "test_demo.py",  # 52 s
-    "test_experiments.py",  # 52 s
-    "test_leakage.py",  # 49 s
-    "test_distributed.py",  # 42 s
-    "test_cli.py",  # 37 s
-    "test_pipeline.py",  # 32 s
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps order within a file
