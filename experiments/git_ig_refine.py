@@ -46,15 +46,13 @@ def variant_config(name: str, steps: int) -> IGConfig:
     base = IGConfig(steps=steps, record_every=0)
     if name == "ig":
         return base
-    if name == "git+ig":
-        return git.refine_setup(git.GITConfig(refine="ig", refine_config=base))[1]
+    if name == "git+ig" or name.startswith("holdout="):  # the default refinement, optionally held-out selection
+        held = float(name.split("=", 1)[1]) if name != "git+ig" else 0.0
+        return git.refine_setup(git.GITConfig(refine="ig", refine_config=dataclasses.replace(base, holdout=held)))[1]
     if name == "auto":
         return dataclasses.replace(base, start_lr=0.0)
     if name.startswith("start="):
         return dataclasses.replace(base, start_lr=float(name.split("=", 1)[1]))
-    if name.startswith("holdout="):
-        held = dataclasses.replace(base, holdout=float(name.split("=", 1)[1]))
-        return git.refine_setup(git.GITConfig(refine="ig", refine_config=held))[1]
     raise SystemExit(f"unknown variant {name!r}; use git+ig, auto, start=LR or holdout=F")
 
 
