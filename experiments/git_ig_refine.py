@@ -5,15 +5,18 @@ then compares GIT one-shot, IG (the ``ig`` attack's default config at ``--steps`
 and GIT+IG variants, all vmapped over the N gradients (``batched_attack``):
 
   * ``git+ig``: the default refinement (``gitjax.attacks.git.refine_setup``): the run
-    from GIT's output with a step scaled to its gradient distance, plus one random restart;
-    the result with the lowest gradient distance wins.
+    from GIT's output with a step scaled to its gradient distance, plus one random restart,
+    both fitting 80 % of the sent gradient entries; the iterate (or GIT's start) with the
+    lowest gradient distance on the held-out 20 % wins (``GITConfig.holdout``, default 0.2
+    since 2026-12-07).
   * ``start=LR``: one run from GIT's output only, fixed signed-Adam step LR.
   * ``auto``: one run from GIT's output only, step scaled to its gradient distance.
-  * ``holdout=F``: the default refinement with held-out selection (``IGConfig.holdout`` = F:
-    fit on the other sent entries, pick iterate, restart or start on a held-out fraction F).
+  * ``holdout=F``: the default refinement with held-out fraction F (``GITConfig.holdout``);
+    ``holdout=0``: without held-out selection (the default before 2026-12-07: every run fits
+    all sent entries and the lowest gradient distance wins).
 
     python -m experiments.git_ig_refine --checkpoint runs/lenet-exact --data patches --split test \\
-        --num-images 16 --steps 200 [--variants git+ig,auto,start=0.05,holdout=0.2] [--out result.json]
+        --num-images 16 --steps 200 [--variants git+ig,auto,start=0.05,holdout=0] [--out result.json]
 
 Prints one JSON line: mean PSNR per method, ``margin`` = git+ig - max(git, ig) (the
 target is >= -0.2 dB), the oracle rows of the same images (mean image of the prior's
@@ -46,9 +49,9 @@ def variant_config(name: str, steps: int) -> IGConfig:
     base = IGConfig(steps=steps, record_every=0)
     if name == "ig":
         return base
-    if name == "git+ig" or name.startswith("holdout="):  # the default refinement, optionally held-out selection
-        held = float(name.split("=", 1)[1]) if name != "git+ig" else 0.0
-        return git.refine_setup(git.GITConfig(refine="ig", refine_config=dataclasses.replace(base, holdout=held)))[1]
+    if name == "git+ig" or name.startswith("holdout="):  # the default refinement, optionally another held-out fraction
+        held = {"holdout": float(name.split("=", 1)[1])} if name != "git+ig" else {}
+        return git.refine_setup(git.GITConfig(refine="ig", refine_config=base, **held))[1]
     if name == "auto":
         return dataclasses.replace(base, start_lr=0.0)
     if name.startswith("start="):

@@ -9,10 +9,12 @@ configs. Each table carries the oracle rows of its images.
 
     python -m experiments.robust_check --prior robust=runs/lenet_robust --prior exact=gitjax/priors/lenet_exact \\
         [--num-images 32] [--steps 200] [--conditions clean,noise-1e-3,noise-1e-2,prune-0.9,prune-0.99] \\
-        [--out outputs/robust_check] [--split train] [--ig-support bound|mask|frac|off] [--known-noise] [--holdout 0.2]
+        [--out outputs/robust_check] [--split train] [--ig-support bound|mask|frac|off] [--known-noise] [--holdout 0]
 
-``--holdout F`` adds GIT+IG rows whose refinement is cross-validated (``IGConfig.holdout``: fit
-on the other sent entries, keep the iterate, or GIT's start, best on a held-out fraction F).
+GIT+IG rows use ``gitjax attack``'s default refinement, held-out selection with fraction 0.2
+(``GITConfig.holdout``: fit on the other sent entries, keep the iterate, or GIT's start, best
+on the held-out rest). ``--holdout F`` adds GIT+IG rows with fraction F instead (0: without
+held-out selection, the refinement's default before 2026-12-07).
 ``--known-noise`` adds, at each noise condition, IG and GIT+IG rows that know the noise std
 (``IGConfig.noise_std``: stop fitting at the noise floor); the default rows stay.
 
@@ -82,8 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="GIT+IG's IG step (default IG's own, 0.1; the start's step is this x its quality)")
     ap.add_argument("--known-noise", action="store_true",
                     help="also run IG and GIT+IG told the noise std at each gaussian condition (extra rows)")
-    ap.add_argument("--holdout", type=float, default=0.0,
-                    help="> 0: also run GIT+IG selecting by a held-out fraction of the sent entries (extra rows)")
+    ap.add_argument("--holdout", type=float, default=None,
+                    help="also run GIT+IG whose held-out fraction is this instead of the default 0.2 "
+                         "(extra rows; 0: no held-out selection)")
     ap.add_argument("--out", default="outputs/robust_check")
     args = ap.parse_args(argv)
     conditions = [c for c in args.conditions.split(",") if c]
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         jobs += [("ig (known noise)", "ig", first, None, "known")]
         jobs += [(f"git+ig ({name}, known noise)", "git+ig", att, workdir, "known")
                  for name, (workdir, att) in priors.items()]
-    if args.holdout > 0:
+    if args.holdout is not None:
         jobs += [(f"git+ig ({name}, holdout {args.holdout:g})", "git+ig", att, workdir, "holdout")
                  for name, (workdir, att) in priors.items()]
     table: dict[str, dict[str, float]] = {}
@@ -128,11 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             t0 = time.perf_counter()
             noise_std = dargs["std"] if variant == "known" else 0.0
-            cfg = with_ig_support(method_config(method, checkpoint=workdir, steps=args.steps, noise_std=noise_std),
-                                  args.ig_support)
-            if variant == "holdout":
-                cfg = dataclasses.replace(cfg, refine_config=dataclasses.replace(cfg.refine_config,
-                                                                                 holdout=args.holdout))
+            holdout = args.holdout if variant == "holdout" else None
+            cfg = with_ig_support(method_config(method, checkpoint=workdir, steps=args.steps, noise_std=noise_std,
+                                                holdout=holdout), args.ig_support)
             if args.refine_lr is not None and method == "git+ig":
                 cfg = dataclasses.replace(cfg, refine_config=dataclasses.replace(cfg.refine_config,
                                                                                  lr=args.refine_lr))

@@ -206,7 +206,7 @@ class AttackJob:
     plot: bool
     data_dir: str | None = None
     known_noise: bool = False
-    holdout: float = 0.0
+    holdout: float | None = None  # None: the method's default (held-out selection 0.2 for git+ig)
 
 
 def attack_config(job: AttackJob) -> Any:
@@ -313,9 +313,9 @@ def validate_attack(args: argparse.Namespace) -> None:
         from gitjax.pipeline import method_config
 
         method_config(args.method, checkpoint=args.checkpoint, noise_std=float(args.defense_kwargs["std"]))
-    if getattr(args, "holdout", 0.0):
+    if getattr(args, "holdout", None) is not None:
         validate.number_in(args.holdout, "--holdout", 0.0, 1.0, hi_open=True)
-        if getattr(args, "known_noise", False):
+        if args.holdout > 0 and getattr(args, "known_noise", False):
             raise GitjaxError("--holdout and --known-noise are two ways to pick the refinement's result: use one")
         from gitjax.pipeline import method_config
 
@@ -346,7 +346,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     job = AttackJob(args.method, args.victim, args.data, args.split, args.num_images, args.batch_size, args.seed,
                     args.steps, args.checkpoint or "", args.defense,
                     _parse_kv(args.defense_arg) if kwargs is None else kwargs, out, args.plot, args.data_dir,
-                    getattr(args, "known_noise", False), float(getattr(args, "holdout", 0.0) or 0.0))
+                    getattr(args, "known_noise", False), getattr(args, "holdout", None))
     summary = run_attack_job(job, progress=not args.quiet)
     table = summary.pop("table")
     print(format_table([summary]))
@@ -526,10 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--known-noise", action="store_true",
                    help="ig, git+ig: the attacker knows the gaussian defence's std and stops fitting the "
                         "gradient at the noise floor (IGConfig.noise_std)")
-    s.add_argument("--holdout", type=float, default=0.0, metavar="F",
+    s.add_argument("--holdout", type=float, default=None, metavar="F",
                    help="ig, git+ig: fit on the other sent gradient entries and keep the iterate (or GIT's "
-                        "start) best on a held-out fraction F of them, e.g. 0.2 (IGConfig.holdout; helps under "
-                        "heavy noise)")
+                        "start) best on a held-out fraction F of them (IGConfig.holdout; helps under heavy "
+                        "noise). Default: 0.2 for git+ig (without --known-noise), off for ig; 0 turns it off")
     s.set_defaults(fn=cmd_attack, check=validate_attack)
 
     s = sub.add_parser("experiment", help="robustness study (gitjax.study); exit code 1 if a run failed",

@@ -6,7 +6,8 @@
    (train split: photographs disjoint from the test split's).
 2. Leak the gradients of held-out test images (batch size 1, FedSGD).
 3. Attack them with GIT one-shot, Inverting Gradients from random init, and
-   GIT+IG (IG started from GIT's output, same budget).
+   GIT+IG (IG started from GIT's output and from a random init, same budget; the iterate that
+   best explains held-out gradient entries wins).
 4. Write a PNG grid (truth / GIT / IG / GIT+IG), a metrics JSON and a table.
 """
 
@@ -123,7 +124,8 @@ def run_demo(out: str | Path = "outputs/demo", victim: str = "lenet", prior_step
     }
     rows, recon, label_acc = [], {}, None
     for m, cfg in methods.items():
-        # One key for all: GIT+IG's random restart is then the IG row's own run.
+        # One key for all: GIT+IG's random restart is then the IG row's run, except that it fits
+        # 80 % of the gradient entries and is judged on the rest (GITConfig.holdout).
         rec = reconstruct(m, attacker, grads_N, k_attack, batch_size=1, config=cfg)
         sc = score(rec.images, x_Nx1, rec.labels, y_Nx1)
         recon[m] = rec.images[:, 0]

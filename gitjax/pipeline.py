@@ -157,12 +157,13 @@ def default_refine_config(refine: str) -> Any:
 
 
 def method_config(method: str, *, checkpoint: str | None = None, steps: int | None = None,
-                  noise_std: float = 0.0, holdout: float = 0.0) -> Any:
+                  noise_std: float = 0.0, holdout: float | None = None) -> Any:
     """The registry config of ``method`` as ``gitjax attack`` runs it: the defaults, ``steps``
     for an iterative method (for git+ig / git+dlg: of the refinement), ``checkpoint`` for GIT,
-    ``noise_std`` (> 0: the known noise level, ``IGConfig.noise_std``) and ``holdout`` (> 0:
-    cross-validated selection, ``IGConfig.holdout``) where the method or its refinement takes
-    them; a method that cannot use one is refused."""
+    ``noise_std`` (> 0: the known noise level, ``IGConfig.noise_std``) and ``holdout`` (held-out
+    selection, ``IGConfig.holdout``; None: the method's default, 0.2 for git+ig and off
+    otherwise; 0: off) where the method or its refinement takes them; a method that cannot use
+    one is refused."""
     from gitjax.attacks import get_attack
 
     spec = get_attack(method)
@@ -170,11 +171,17 @@ def method_config(method: str, *, checkpoint: str | None = None, steps: int | No
     if spec.family == "learned":
         config = dataclasses.replace(config, checkpoint=checkpoint)
         if spec.refine:
+            # The refinement's own config carries no selection rule unless asked: refine_setup
+            # then applies GITConfig.holdout (the default or the one set here).
             sub = default_refine_config(spec.refine)
+            if hasattr(sub, "holdout"):
+                sub = dataclasses.replace(sub, holdout=0.0)
             if steps is not None:
                 sub = dataclasses.replace(sub, steps=steps)
-            config = dataclasses.replace(config, refine=spec.refine,
-                                         refine_config=_with_ig_fields(sub, method, noise_std, holdout))
+            sub = _with_ig_fields(sub, method, noise_std, holdout)
+            config = dataclasses.replace(config, refine=spec.refine, refine_config=sub)
+            if holdout is not None and spec.refine == "ig":
+                config = dataclasses.replace(config, holdout=float(holdout))
         else:
             _with_ig_fields(config, method, noise_std, holdout)  # refuses: one-shot GIT has neither setting
     else:
@@ -187,7 +194,7 @@ def method_config(method: str, *, checkpoint: str | None = None, steps: int | No
 _IG_FIELDS = {"noise_std": "a known noise level", "holdout": "held-out selection"}
 
 
-def _with_ig_fields(config: Any, method: str, noise_std: float = 0.0, holdout: float = 0.0) -> Any:
+def _with_ig_fields(config: Any, method: str, noise_std: float = 0.0, holdout: float | None = None) -> Any:
     """``config`` with IG's ``noise_std`` / ``holdout`` set where nonzero; GitjaxError where it has no such field."""
     for field, value in (("noise_std", noise_std), ("holdout", holdout)):
         if not value:

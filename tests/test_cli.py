@@ -66,8 +66,25 @@ def test_known_noise_reaches_ig_and_the_git_refinement():
     assert cfg.refine_config.noise_std == 0.01 and cfg.refine_config.steps == 5
     assert attack_config(dataclasses.replace(job, method="ig")).noise_std == 0.01
     assert attack_config(dataclasses.replace(job, known_noise=False)).refine_config.noise_std == 0.0
-    held = attack_config(dataclasses.replace(job, known_noise=False, holdout=0.2))
-    assert held.refine_config.holdout == 0.2 and held.refine_config.noise_std == 0.0
+    held = attack_config(dataclasses.replace(job, known_noise=False, holdout=0.3))
+    assert held.refine_config.holdout == 0.3 and held.refine_config.noise_std == 0.0
+
+
+def test_git_ig_holds_out_by_default_and_holdout_0_turns_it_off():
+    from gitjax.attacks.git import refine_setup
+    from gitjax.cli import AttackJob, attack_config
+
+    job = AttackJob("git+ig", "mlp", "patches", "test", 2, 1, 0, 5, "ckpt", "gaussian", {"std": 0.01}, "o", False)
+
+    def rule(**kw):  # (holdout, noise_std) of the refinement the attack runs
+        cfg = refine_setup(attack_config(dataclasses.replace(job, **kw)))[1]
+        return cfg.holdout, cfg.noise_std
+
+    assert rule() == (0.2, 0.0)
+    assert rule(holdout=0.0) == (0.0, 0.0)
+    assert rule(holdout=0.5) == (0.5, 0.0)
+    assert rule(known_noise=True) == (0.0, 0.01)  # a known noise level is the selection rule instead
+    assert attack_config(dataclasses.replace(job, method="ig")).holdout == 0.0  # IG alone: off by default
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -43,14 +43,16 @@ def test_compare_generators_scores_given_priors_with_oracle_rows(exact_mlp_prior
 
 def test_git_ig_refine_reports_margin_and_oracles(exact_mlp_prior):
     out = git_ig_refine.main(["--checkpoint", exact_mlp_prior, "--num-images", "2", "--steps", "4",
-                              "--variants", "git+ig,holdout=0.2"])
-    assert set(out["mean_psnr"]) == {"git", "ig", "git+ig", "holdout=0.2"} and set(out["oracles"]) == ORACLES
-    # The refinement keeps an exact start: never below GIT one-shot by more than rounding; held-out
-    # selection compares the start on entries it never fitted, and keeps it too.
-    assert out["margin"]["git+ig"] >= -0.2 and out["margin"]["holdout=0.2"] >= -0.2
+                              "--variants", "git+ig,holdout=0"])
+    assert set(out["mean_psnr"]) == {"git", "ig", "git+ig", "holdout=0"} and set(out["oracles"]) == ORACLES
+    # The refinement keeps an exact start: never below GIT one-shot by more than rounding, with
+    # held-out selection (the default: the start is judged on entries it never fitted) or without.
+    assert out["margin"]["git+ig"] >= -0.2 and out["margin"]["holdout=0"] >= -0.2
     with pytest.raises(SystemExit, match="holdout=F"):
         git_ig_refine.variant_config("nonsense", 4)
+    assert git_ig_refine.variant_config("git+ig", 4).holdout == 0.2
     assert git_ig_refine.variant_config("holdout=0.3", 4).holdout == 0.3
+    assert git_ig_refine.variant_config("holdout=0", 4).holdout == 0.0
 
 
 def test_robust_check_writes_one_column_per_condition_and_the_gain_row(exact_mlp_prior, tmp_path):
@@ -58,9 +60,9 @@ def test_robust_check_writes_one_column_per_condition_and_the_gain_row(exact_mlp
 
     out = robust_check.main(["--prior", f"exact={exact_mlp_prior}", "--num-images", "2", "--steps", "3",
                              "--conditions", "clean,noise-1e-2", "--out", str(tmp_path), "--known-noise",
-                             "--holdout", "0.2"])
+                             "--holdout", "0"])
     known = {"ig (known noise)", "git+ig (exact, known noise)"}
-    assert set(out["psnr"]) == {"ig", "git (exact)", "git+ig (exact)", "git+ig (exact, holdout 0.2)"} | known
+    assert set(out["psnr"]) == {"ig", "git (exact)", "git+ig (exact)", "git+ig (exact, holdout 0)"} | known
     assert all(set(v) == ({"noise-1e-2"} if k in known else {"clean", "noise-1e-2"}) for k, v in out["psnr"].items())
     assert set(out["oracles"]) == ORACLES
     # Exact-GIT inverts the clean gradient; 3 IG steps do not: the gain row says so.

@@ -19,6 +19,7 @@ from gitjax.attacks.batched import batched_attack
 from gitjax.attacks.git import GITConfig, config_for, refine_setup
 from gitjax.attacks.iterative import start_step_size
 from gitjax.data import load_dataset
+from gitjax.types import GitjaxError
 from gitjax.defenses import gaussian_noise, topk_prune
 from gitjax.leakage import batch_grad as _batch_grad
 from gitjax.metrics import batch_psnr
@@ -153,16 +154,26 @@ def test_git_refinement_config():
     assert config_for("git+ig", "ckpt") == GITConfig(checkpoint="ckpt", refine="ig")
     assert config_for("git", "ckpt").refine == ""
     _, cfg = refine_setup(GITConfig(refine="ig", refine_config=ig.IGConfig(steps=7)))
-    assert cfg.steps == 7 and cfg.restarts == 2 and cfg.start_lr == 0.0
+    assert cfg.steps == 7 and cfg.restarts == 2 and cfg.start_lr == 0.0 and cfg.holdout == 0.2
     _, cfg = refine_setup(GITConfig(refine="ig", random_starts=0))
     assert cfg.restarts == 1
+    # Held-out selection is the default unless the refinement picks a rule itself or it is off.
+    assert refine_setup(GITConfig(refine="ig", holdout=0.0))[1].holdout == 0.0
+    assert refine_setup(GITConfig(refine="ig", refine_config=ig.IGConfig(holdout=0.3)))[1].holdout == 0.3
+    known = refine_setup(GITConfig(refine="ig", refine_config=ig.IGConfig(noise_std=1e-2)))[1]
+    assert known.holdout == 0.0 and known.noise_std == 1e-2
+    assert not hasattr(refine_setup(GITConfig(refine="dlg"))[1], "holdout")
+    with pytest.raises(GitjaxError, match="holdout must be in"):
+        GITConfig(refine="ig", holdout=1.0)
 
 
-def test_git_ig_random_restart_is_ig_alone():
-    # refine_setup's defaults: GIT+IG's random restart is IG's own run (step 0.1, same key), so
-    # GIT+IG keeps the better of IG and IG from the start, by gradient distance, even from a
-    # useless start (mid-grey). Means over the images; 5 % allows float paths to drift.
-    _, cfg = refine_setup(GITConfig(refine="ig"))
+@pytest.mark.parametrize("holdout", [0.0, 0.2])
+def test_git_ig_random_restart_is_ig_alone(holdout):
+    # refine_setup: GIT+IG's random restart is IG's own run with the same selection rule (step
+    # 0.1, same key, the same held-out entries), so GIT+IG keeps the better of IG and IG from the
+    # start, by (held-out) gradient distance, even from a useless start (mid-grey). Means over
+    # the images; 5 % allows float paths to drift.
+    _, cfg = refine_setup(GITConfig(refine="ig", holdout=holdout))
     cfg = dataclasses.replace(cfg, steps=30, record_every=0)
     alone = dataclasses.replace(cfg, restarts=1)
     d_alone, d_restart, d_git_ig = [], [], []
@@ -173,7 +184,7 @@ def test_git_ig_random_restart_is_ig_alone():
         d_alone.append(a.info["grad_distance"])
         d_restart.append(g.info["restart_grad_distance"][0])
         d_git_ig.append(g.info["grad_distance"])
-    assert cfg.lr == ig.IGConfig().lr and cfg.restarts == 2
+    assert cfg.lr == ig.IGConfig().lr and cfg.restarts == 2 and cfg.holdout == holdout
     np.testing.assert_allclose(np.mean(d_restart), np.mean(d_alone), rtol=0.05)
     assert np.mean(d_git_ig) <= 1.05 * np.mean(d_alone)
 

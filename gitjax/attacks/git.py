@@ -62,6 +62,12 @@ class GITConfig:
       output; the run with the lowest gradient distance wins. With GIT's output as one
       candidate and IG's random start as another, GIT+IG keeps the better of the two
       (as judged by the leaked gradient): a poor prior costs nothing.
+    holdout: IG only: held-out selection for the refinement (``IGConfig.holdout``): every run
+      fits a random 1 - ``holdout`` of the sent gradient entries, and the iterate (GIT's start
+      included) that best explains the held-out rest is returned. Applied when
+      ``refine_config`` sets neither ``holdout`` nor a known ``noise_std``; 0 turns it off.
+      Default 0.2: on clean gradients it moves GIT+IG by -0.11 to +0.28 dB, under gaussian
+      noise (std 1e-2) by up to +2.5 dB (docs/results.md, "Held-out selection").
     """
 
     checkpoint: str = ""
@@ -70,10 +76,13 @@ class GITConfig:
     prior_weight: float = 0.1
     refine_config: Any = None
     random_starts: int = 1
+    holdout: float = 0.2
 
     def __post_init__(self):
         if self.random_starts < 0:
             raise GitjaxError(f"random_starts must be >= 0, got {self.random_starts}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise GitjaxError(f"GIT holdout must be in [0, 1), got {self.holdout}")
 
 
 _METHOD_REFINE = {"git": "", "git+ig": "ig", "git+dlg": "dlg"}
@@ -90,9 +99,11 @@ def refine_setup(config: GITConfig) -> tuple[Any, Any]:
     """(attack module, its config) for GIT's refinement, the one rule of the vmapped pipeline
     and of ``run``: IG runs the start from GIT's output with a step scaled to how well that
     start explains the gradient (``IGConfig.start_lr=0``), plus ``random_starts`` random
-    restarts; 'reg'/'both' set the proximity weight. ``refine_config`` None: IG's defaults, so
-    the random restarts are the runs of IG alone (same step, same keys) and GIT+IG keeps the
-    better, by gradient distance, of IG and IG from GIT's output."""
+    restarts, and ``config.holdout`` (held-out selection) unless ``refine_config`` chose a
+    selection rule itself; 'reg'/'both' set the proximity weight. ``refine_config`` None: IG's
+    defaults, so the random restarts are the runs of IG with the same selection rule (same
+    step, same keys; with ``holdout`` 0 exactly IG alone) and GIT+IG keeps the better, by
+    (held-out) gradient distance, of that run and IG from GIT's output."""
     if config.refine == "ig":
         from gitjax.attacks import ig as base_attack
     elif config.refine == "dlg":
@@ -106,6 +117,8 @@ def refine_setup(config: GITConfig) -> tuple[Any, Any]:
         cfg = base_attack.IGConfig() if config.refine == "ig" else base_attack.DLGConfig()
     if config.refine == "ig" and config.prior_mode in ("init", "both"):
         cfg = dataclasses.replace(cfg, restarts=max(cfg.restarts, 1 + config.random_starts))
+    if config.refine == "ig" and cfg.holdout == 0 and cfg.noise_std == 0:
+        cfg = dataclasses.replace(cfg, holdout=config.holdout)
     if config.prior_mode in ("reg", "both") and hasattr(cfg, "prior_weight"):
         cfg = dataclasses.replace(cfg, prior_weight=config.prior_weight)
     return base_attack, cfg
