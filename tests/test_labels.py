@@ -47,6 +47,24 @@ def test_idlg_single_example_labels_are_exact(name, data):
     assert int(recover_labels(jax.tree.map(lambda a: a[0], g_B), layout, 1)[0]) == int(y[0])
 
 
+@pytest.mark.parametrize("ratio", [0.9, 0.99])
+def test_idlg_reads_a_pruned_head_from_its_kernel(ratio, data):
+    # Top-k pruning per layer keeps round(0.01 * 10) = 0 of the head bias's 10 entries at 99 %:
+    # the bias is all zeros and its argmin said class 0 for every image (1/16 right on LeNet,
+    # the defence table's GIT+IG at 5.9 dB). The kernel's sent entries still carry the sign.
+    from gitjax.defenses import topk_prune
+
+    v, params, state, layout = _victim("lenet")
+    x, y = jnp.asarray(data.images[:16]), jnp.asarray(data.labels[:16])
+    g_B = per_example_grads(v, params, state, x, y)
+    pruned_B = jax.vmap(topk_prune(ratio))(jax.random.split(jax.random.key(0), 16), g_B)
+    bias_B = layout.to_blocks(pruned_B)[head_block(layout)[0]]["bias"]
+    if ratio == 0.99:
+        assert not bool(jnp.any(bias_B != 0))  # the case this rule exists for
+    pred = jax.jit(jax.vmap(lambda g: recover_labels(g, layout, 1)[0]))(pruned_B)
+    np.testing.assert_array_equal(np.asarray(pred), np.asarray(y))
+
+
 class _NoBiasHead(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):

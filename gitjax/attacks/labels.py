@@ -5,9 +5,10 @@ With softmax cross-entropy the head's bias gradient for one example is
 
   * ``idlg_label``: iDLG (Zhao et al. 2020, "iDLG: Improved Deep Leakage from
     Gradients"): the label of a single example is the one negative entry, i.e. the
-    argmin of the head bias gradient. For a head without bias, iDLG's rule uses the
-    kernel gradient ``h (p - y)^T``: with non-negative features h (ReLU/sigmoid), the
-    true class's column is the one with negative sum.
+    argmin of the head bias gradient. For a head without bias (or whose bias gradient a
+    pruning defence zeroed), iDLG's rule uses the kernel gradient ``h (p - y)^T``: with
+    non-negative features h (ReLU/sigmoid), the true class's column is the one with
+    negative sum.
   * ``batch_labels``: counting, in the spirit of LLG (Wainakh et al. 2022, "User-Level
     Label Leakage from Gradients in Federated Learning") and Geng et al. 2021. For a
     batch-mean gradient ``g_b[k] = mean_p[k] - count[k] / B``, so
@@ -42,21 +43,26 @@ def head_block(layout: GradientLayout) -> tuple[int, LayerBlock]:
 def head_signal(grads: Grads, layout: GradientLayout) -> Array:
     """(K,) per-class signal whose sign marks the present classes (negative = present).
 
-    The head bias gradient when the head has a bias (exactly ``mean p - counts / B``);
-    otherwise the column sums of the head kernel gradient (K last), rescaled so that
-    the absent classes' entries sum to about the uniform ``(K - n_neg) / K`` as a
-    bias gradient's would (the unknown feature scale cancels).
+    The head bias gradient when the head has a bias and it shows a present class (exactly
+    ``mean p - counts / B``); otherwise the column sums of the head kernel gradient (K last),
+    rescaled so that the absent classes' entries sum to about the uniform ``(K - n_neg) / K``
+    as a bias gradient's would (the unknown feature scale cancels). A bias with no negative
+    entry cannot be a softmax cross-entropy gradient: a top-k pruned update (99 %: 0 of 10
+    entries sent) has zeroed it, while the kernel's sent entries, dominated by the present
+    classes' columns (``|p_y - 1| = sum of the others``), still carry the sign.
     """
     i, blk = head_block(layout)
     vals = layout.to_blocks(grads)[i]
-    if blk.bias_shape is not None:
-        return vals["bias"].astype(jnp.float32)
     kernel = vals["kernel"].astype(jnp.float32)
     s_K = jnp.sum(kernel.reshape(-1, kernel.shape[-1]), axis=0)
     k = s_K.shape[0]
     pos = s_K > 0
     scale = jnp.sum(jnp.where(pos, s_K, 0.0)) / jnp.maximum(jnp.sum(pos) / k, 1.0 / k)
-    return s_K / jnp.maximum(scale, 1e-30)
+    from_kernel = s_K / jnp.maximum(scale, 1e-30)
+    if blk.bias_shape is None:
+        return from_kernel
+    bias = vals["bias"].astype(jnp.float32)
+    return jnp.where(jnp.any(bias < 0), bias, from_kernel)
 
 
 def idlg_label(grads: Grads, layout: GradientLayout) -> Array:
