@@ -10,7 +10,8 @@ held-out test images, and run IG four ways with the same number of steps:
   ig        random init (the baseline)
   git-init  IG started from GIT's one-shot output: GIT+IG's refinement as ``gitjax attack
             git+ig`` runs it (the start as one restart, its step scaled to its gradient
-            distance, one random restart), or a fixed step with ``--prior-lr``   (prior mode a)
+            distance, one random restart, held-out selection; ``--holdout 0``: without),
+            or a fixed step with ``--prior-lr``                        (prior mode a)
   git-reg   random init + ``prior_weight * mean((x - x_git)^2)``  (mode b)
   git-both  both                                           (mode c)
 All N images are attacked at once with ``batched_attack`` (vmap over N).
@@ -76,7 +77,8 @@ def run_prior(workdir: str | Path, args: argparse.Namespace, out: Path) -> tuple
     if args.prior_lr > 0:
         init_cfg = dataclasses.replace(base, lr=args.prior_lr)
     else:  # exactly GIT+IG's refinement
-        _, init_cfg = refine_setup(method_config("git+ig", checkpoint=str(workdir), steps=args.steps))
+        _, init_cfg = refine_setup(method_config("git+ig", checkpoint=str(workdir), steps=args.steps,
+                                                 holdout=args.holdout))
         init_cfg = dataclasses.replace(init_cfg, record_every=args.record_every)
     variants = {
         "ig": (base, {}),
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", nargs="+", default=[], help="trained priors to use instead of training one")
     p.add_argument("--prior-lr", type=float, default=0.0,
                    help="fixed IG step for git-init (0: GIT+IG's refinement, step scaled to the start)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="git-init's held-out fraction (default GIT+IG's, 0.2; 0: select by the full gradient distance)")
     p.add_argument("--prior-weight", type=float, default=0.1)
     p.add_argument("--record-every", type=int, default=10)
     p.add_argument("--num-images", type=int, default=16)

@@ -23,11 +23,12 @@ steps and 2 images (what ``tests/test_study.py`` runs).
 
 Measured (small scale, LeNet only: ``--only victim=lenet``; a 2-core machine shared with
 other jobs, so wall times are ~2x a dedicated one; CPU time in brackets):
-  * noise: 19 runs, 5 priors, 13.6 min (5.7 CPU-min). PSNR dB at std 0 / 1e-3 / 1e-2 / 1e-1:
+  * noise (before 2026-11-30): 19 runs, 5 priors, 13.6 min (5.7 CPU-min). PSNR dB at std 0 / 1e-3 / 1e-2 / 1e-1:
     Coarse-GIT 17.3 / 16.2 / 11.3 / 9.9, IG 22.0 / 21.7 / 16.3 / 8.6, GIT+IG 27.2 / 25.6 / 17.5 / 8.6,
     matched Coarse-GIT - / 16.9 / 15.2 / 9.7, LTI 9.7 throughout (the mean image).
-  * prune: 19 runs, 3 new priors, 20 min (5.6 CPU-min). At ratio 0 / 0.5 / 0.9 / 0.99:
-    Coarse-GIT 17.3 / 17.1 / 16.5 / 9.5, matched 17.3 / 16.9 / 17.2 (0.5-0.99), IG 22.0 / 11.5 / 9.8 / 6.1.
+  * prune (2026-12-07, a dedicated machine): 19 runs, 3 new priors, 4.4 min. At ratio 0 / 0.5 / 0.9 / 0.99:
+    Coarse-GIT 18.6 / 18.6 / 17.3 / 10.4, matched 18.5 / 17.8 / 17.6 (0.5-0.99), IG 21.8 / 21.7 / 18.0 / 8.3,
+    GIT+IG 26.3 / 25.9 / 24.3 / 11.5 (docs/results.md).
   The MLP's priors train ~3x slower than LeNet's (an 800k-entry first-layer gradient);
   all four victims should take ~25-40 min per experiment on a dedicated 2-core machine (estimated from
   the CPU times above, not measured).
