@@ -171,11 +171,9 @@ def method_config(method: str, *, checkpoint: str | None = None, steps: int | No
     if spec.family == "learned":
         config = dataclasses.replace(config, checkpoint=checkpoint)
         if spec.refine:
-            # The refinement's own config carries no selection rule unless asked: refine_setup
-            # then applies GITConfig.holdout (the default or the one set here).
-            sub = default_refine_config(spec.refine)
-            if hasattr(sub, "holdout"):
-                sub = dataclasses.replace(sub, holdout=0.0)
+            # The refinement attack's own defaults: refine_setup adds GIT's rules at run time
+            # (the random restart, and GITConfig.holdout unless a selection rule is set here).
+            sub = get_attack(spec.refine).config_cls()
             if steps is not None:
                 sub = dataclasses.replace(sub, steps=steps)
             sub = _with_ig_fields(sub, method, noise_std, holdout)
