@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from gitjax import defenses, study
 from gitjax.attacks import registry
 from gitjax.attacks.base import AttackResult, AttackSpec
 from gitjax.study import Budget, Defense, Method, Run
+from gitjax.study.grids import package_path
 
 EXPERIMENTS = study.load_experiments()
 SMOKE = Budget(image_size=32, prior_steps=20, prior_batch=8, prior_lr=3e-3, prior_warmup=2, prior_eval=8,
@@ -55,22 +57,76 @@ def test_run_key_is_content_addressed():
 
 
 def test_priors_are_shared_across_noise_levels_and_matched_per_level():
-    runs = EXPERIMENTS["noise"].build("small", False)
-    lenet = [r for r in runs if r.victim == "lenet"]
+    lenet = study.experiment_runs("noise", "small", victims=["lenet"])
     keys = {}
     for r in lenet:
         cfg = study.prior_config(r)
-        keys.setdefault((r.method, r.prior_training), set()).add(None if cfg is None else study.prior_key(cfg))
+        key = None if cfg is None else cfg.path if isinstance(cfg, study.BasePrior) else study.prior_key(cfg)
+        keys.setdefault((r.method, r.prior_training), set()).add(key)
     assert keys[("ig", "clean")] == {None}
     assert len(keys[("coarse", "clean")]) == 1  # one clean prior for all 4 noise levels
     assert keys[("git+ig", "clean")] == keys[("coarse", "clean")]  # GIT+IG reuses Coarse-GIT's prior
     assert len(keys[("coarse", "matched")]) == 3  # one matched prior per non-zero level
-    assert len({k for ks in keys.values() for k in ks if k}) == 2 + 3  # lti, coarse + 3 matched
-    assert ("exact", "clean") not in keys  # Exact-GIT runs on the MLP only at small scale
+    # Exact-GIT on LeNet: the shipped converged prior, used as is (it does not train in the small budget).
+    assert keys[("exact", "clean")] == keys[("exact+ig", "clean")] == {package_path("priors/lenet_exact")}
+    assert len({k for ks in keys.values() for k in ks if k}) == 2 + 3 + 1  # lti, coarse + 3 matched + exact
+    assert not any(r.method == "exact" for r in study.experiment_runs("noise", "small", victims=["resnet8"]))
     assert any(r.method == "exact" and r.victim == "lenet" for r in EXPERIMENTS["noise"].build("full", False))
     matched = next(r for r in lenet if r.prior_training == "matched" and r.x == 1e-2)
     (p,) = study.prior_config(matched).perturbations
     assert (p.defense, dict(p.params)) == ("gaussian", {"std": 1e-2})
+
+
+def test_base_priors_serve_the_rows_they_fit():
+    from gitjax.configs import config_diff
+    from gitjax.prior import load_prior
+
+    runs = study.experiment_runs("batch", "small", victims=["lenet"])
+    exact = [r for r in runs if r.method in ("exact", "exact+ig")]
+    assert [r.batch_size for r in exact] == [1, 1]  # B = 4, 16 would need an Exact prior trained per B
+    assert {r.base_prior for r in exact} == {"priors/lenet_exact"}
+    assert not any(r.base_prior for r in runs if r not in exact)
+    ig = next(r for r in runs if r.method == "ig")
+    assert "base_prior" not in study.run_to_dict(ig)  # rows without a base keep their keys
+    assert study.run_key(exact[0]) != study.run_key(dataclasses.replace(exact[0], base_prior=""))
+    # The shipped prior's victim copy is the one the prior-free rows attack with (same fields -> same params).
+    base = load_prior(package_path("priors/lenet_exact"))
+    _, params, _ = importlib.import_module("gitjax.study.execute").attacker_victim(exact[0])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, base.victim_params, params)
+
+    # A base for Coarse-GIT: clean rows load it; matched rows fine-tune from it with its own generator.
+    path = package_path("priors/lenet_exact")
+    fake = dataclasses.replace(base.config, generator=dataclasses.replace(base.config.generator, kind="coarse"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.import_module("gitjax.study.grids"), "_base_config", lambda p: fake)
+        noise = study.experiment_runs("noise", "small", victims=["lenet"], base_priors={("lenet", "coarse"): path})
+        clean = next(r for r in noise if r.method == "git+ig" and r.x == 0.0)
+        matched = next(r for r in noise if r.prior_training == "matched" and r.x == 1e-2)
+        assert clean.base_prior == matched.base_prior == path
+        assert study.prior_config(clean) == study.BasePrior(path)
+        tune = study.prior_config(matched)
+        assert tune.init_from == path and tune.steps == matched.budget.prior_steps
+        assert not {k for k in config_diff(fake, tune) if k in ("victim", "victim_kwargs", "generator", "victim_batch")}
+        (p,) = tune.perturbations
+        assert (p.defense, dict(p.params)) == ("gaussian", {"std": 1e-2})
+
+    with pytest.raises(study.GitjaxError, match="VICTIM:KIND=PATH"):
+        study.parse_base_priors(["lenet=runs/lenet_coarse"])
+    with pytest.raises(study.GitjaxError, match="not found"):
+        study.experiment_runs("noise", "small", victims=["lenet"], base_priors={("lenet", "coarse"): "/no/such/run"})
+    with pytest.raises(study.GitjaxError, match="fits none.*generator kind 'exact' \\(row: 'coarse'\\)"):
+        study.experiment_runs("noise", "small", victims=["lenet"], base_priors={("lenet", "coarse"): path})
+
+
+def test_a_base_prior_loads_as_is_with_its_record(tmp_path):
+    from gitjax.prior import load_prior
+
+    path = package_path("priors/lenet_exact")
+    prior, record = study.PriorCache(tmp_path).get(study.BasePrior(path))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, prior.gen_params, load_prior(path).gen_params)
+    made_by = json.loads((Path(path) / "made_by.json").read_text())["best"]
+    assert record["train_seconds"] == 0.0 and record["base"] and record["final"]["step"] == made_by["step"]
+    assert not (tmp_path / study.PRIOR_DIR).exists()  # nothing trained
 
 
 def test_study_priors_use_the_presets_recipe():
@@ -97,7 +153,7 @@ def test_grids_cover_the_matrix_and_smoke_shrinks_them():
     small = {n: e.build("small", False) for n, e in EXPERIMENTS.items()}
     assert {r.victim for r in small["noise"]} == {"mlp", "lenet", "resnet8", "vit"}
     assert {r.victim for r in EXPERIMENTS["noise"].build("full", False)} == {"mlp", "lenet", "resnet18", "vit"}
-    assert {r.method for r in small["noise"]} == {"lti", "coarse", "exact", "ig", "git+ig"}
+    assert {r.method for r in small["noise"]} == {"lti", "coarse", "exact", "ig", "git+ig", "exact+ig"}
     assert sorted({r.x for r in small["noise"]}) == [0.0, 1e-3, 1e-2, 1e-1]
     assert sorted({r.x for r in small["prune"]}) == [0.0, 0.5, 0.9, 0.99]
     assert sorted({r.batch_size for r in small["batch"]}) == [1, 4, 16]
@@ -235,7 +291,8 @@ def test_smoke_of_every_experiment(tmp_path):
             assert plots and all(p.stat().st_size > 1000 for p in plots), name
         if name == "noise":
             by = {(r["column"], r["setting"]): r for r in recs}
-            assert {c for c, _ in by} == {"lti", "coarse", "exact", "ig", "git+ig", "coarse (matched prior)"}
+            assert {c for c, _ in by} == {"lti", "coarse", "exact", "ig", "git+ig", "exact+ig",
+                                          "coarse (matched prior)"}
             # Exact-GIT inverts the MLP's first dense layer in closed form at B = 1 (no training needed).
             assert by[("exact", "std=0")]["metrics"]["psnr"] > 40.0
             assert by[("coarse (matched prior)", "std=0.1")]["prior"]["key"] != by[("coarse", "std=0.1")]["prior"]["key"]

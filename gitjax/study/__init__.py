@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from gitjax.study.execute import (METHODS, PRIOR_DIR, _PRIOR_DONE, Method, PriorCache, attack_config, execute,
-                                  prior_config, prior_dir, prior_key, read_record, run_path, run_runs)
-from gitjax.study.grids import EXPERIMENTS
+from gitjax.study.execute import (METHODS, PRIOR_DIR, _PRIOR_DONE, BasePrior, Method, PriorCache, attack_config,
+                                  execute, prior_config, prior_dir, prior_key, read_record, run_path, run_runs)
+from gitjax.study.grids import EXPERIMENTS, apply_base_priors, parse_base_priors
 from gitjax.study.report import build_table, build_time_table, write_plots, write_report
 from gitjax.study.spec import (Budget, Defense, Experiment, PlotSpec, Run, parse_filter, run_key,
                                run_to_dict)
@@ -33,9 +33,9 @@ from gitjax.types import GitjaxError
 
 SCALES = ("small", "full")
 
-__all__ = ["Budget", "Defense", "EXPERIMENTS", "Experiment", "METHODS", "Method", "PRIOR_DIR", "PlotSpec",
+__all__ = ["BasePrior", "Budget", "Defense", "EXPERIMENTS", "Experiment", "METHODS", "Method", "PRIOR_DIR", "PlotSpec",
            "PriorCache", "Run", "SCALES", "attack_config", "build_table", "build_time_table", "execute",
-           "experiment_runs", "get_experiment", "load_experiments", "main", "parse_filter", "prior_config",
+           "experiment_runs", "get_experiment", "load_experiments", "main", "parse_base_priors", "parse_filter", "prior_config",
            "prior_dir", "prior_key", "read_record", "run_experiment", "run_key", "run_path", "run_runs",
            "run_to_dict", "write_plots", "write_report"]
 
@@ -53,11 +53,14 @@ def get_experiment(name: str) -> Experiment:
 
 
 def experiment_runs(name: str, scale: str = "small", smoke: bool = False, only: str | None = None,
-                    victims: Sequence[str] | None = None, methods: Sequence[str] | None = None) -> list[Run]:
-    """The runs of one experiment at one scale, filtered."""
+                    victims: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+                    base_priors: dict[tuple[str, str], str] | None = None) -> list[Run]:
+    """The runs of one experiment at one scale, filtered; ``base_priors`` ({(victim, kind): path})
+    adds converged priors to the scale's own (``grids.apply_base_priors``; smoke grids use none)."""
     if scale not in SCALES:
         raise GitjaxError(f"scale must be one of {SCALES}, got {scale!r}")
     runs = get_experiment(name).build(scale, smoke)
+    runs = apply_base_priors(runs, scale, base_priors, use=not smoke)
     keep = parse_filter(only)
     return [r for r in runs if keep(r) and (victims is None or r.victim in victims)
             and (methods is None or r.method in methods)]
@@ -66,7 +69,8 @@ def experiment_runs(name: str, scale: str = "small", smoke: bool = False, only: 
 def run_experiment(name: str, scale: str = "small", out_dir: str | Path = "results", smoke: bool = False, *,
                    only: str | None = None, victims: Sequence[str] | None = None,
                    methods: Sequence[str] | None = None, retry_failed: bool = True, progress: bool = True,
-                   extra_runs: Sequence[Run] = ()) -> list[dict[str, Any]]:
+                   extra_runs: Sequence[Run] = (),
+                   base_priors: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
     """Runs one experiment (skipping finished runs) and writes its table and plots.
 
     Args:
@@ -78,15 +82,16 @@ def run_experiment(name: str, scale: str = "small", out_dir: str | Path = "resul
       victims, methods: further restrict the grid.
       retry_failed: rerun rows recorded as failed (else keep their record).
       extra_runs: rows appended to the grid (tests use it to inject a failing method).
+      base_priors: {(victim, kind): path} converged priors beyond the scale's (``--base-prior``).
 
     Returns:
       one record per run (its JSON plus ``executed``), in grid order.
     """
     exp = get_experiment(name)
-    runs = experiment_runs(name, scale, smoke, only, victims, methods) + list(extra_runs)
+    runs = experiment_runs(name, scale, smoke, only, victims, methods, base_priors) + list(extra_runs)
     records = run_runs(runs, out_dir, retry_failed=retry_failed, progress=progress)
     # The report covers the whole (unfiltered) grid, so partial reruns still give complete tables.
-    full = experiment_runs(name, scale, smoke, None, victims, methods) + list(extra_runs)
+    full = experiment_runs(name, scale, smoke, None, victims, methods, base_priors) + list(extra_runs)
     write_report(exp, full, out_dir, scale)
     return records
 
@@ -103,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="row filter, e.g. 'victim=lenet,method=ig|coarse'")
     p.add_argument("--victims", default=None, help="comma-separated victims to keep")
     p.add_argument("--methods", default=None, help="comma-separated methods to keep")
+    p.add_argument("--base-prior", action="append", default=[], metavar="VICTIM:KIND=PATH",
+                   help="a converged prior (train-prior --workdir) for that victim's KIND rows: clean rows use "
+                        "it as is, matched rows fine-tune it (repeatable; e.g. lenet:coarse=runs/lenet_coarse)")
     p.add_argument("--smoke", action="store_true", help="the tiny grid the tests run")
     p.add_argument("--no-retry", action="store_true", help="keep failed rows instead of retrying them")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their keys, run nothing")
@@ -115,20 +123,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{n:<12} {e.description}")
         return 0
     names = list(exps) if args.name == "all" else [get_experiment(args.name).name]
+    bases = parse_base_priors(args.base_prior)
     failed = 0
     split = lambda s: None if s is None else [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     for name in names:
         if args.dry_run:
-            for r in experiment_runs(name, args.scale, args.smoke, args.only, split(args.victims), split(args.methods)):
+            for r in experiment_runs(name, args.scale, args.smoke, args.only, split(args.victims), split(args.methods),
+                                     bases):
                 print(run_key(r), r.victim, r.column, r.setting, sep="\t")
             continue
         if args.report:
-            runs = experiment_runs(name, args.scale, args.smoke, None, split(args.victims), split(args.methods))
+            runs = experiment_runs(name, args.scale, args.smoke, None, split(args.victims), split(args.methods), bases)
             print(write_report(get_experiment(name), runs, args.out, args.scale))
             continue
         t0 = time.perf_counter()
         recs = run_experiment(name, args.scale, args.out, args.smoke, only=args.only, victims=split(args.victims),
-                              methods=split(args.methods), retry_failed=not args.no_retry, progress=not args.quiet)
+                              methods=split(args.methods), retry_failed=not args.no_retry, progress=not args.quiet,
+                              base_priors=bases)
         n_ok = sum(r["status"] == "ok" for r in recs)
         failed += len(recs) - n_ok
         print(f"{name}: {len(recs)} runs ({sum(r['executed'] for r in recs)} executed, {n_ok} ok, "

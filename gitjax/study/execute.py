@@ -58,6 +58,7 @@ METHODS: dict[str, Method] = {
                                     "learned parts)"),
     "ig": Method("ig", None, "Inverting Gradients (Geiping et al. 2020) from a random start"),
     "git+ig": Method("git+ig", "coarse", "IG initialised at Coarse-GIT's output (GIT as a prior)"),
+    "exact+ig": Method("git+ig", "exact", "IG initialised at Exact-GIT's output (where an Exact prior exists)"),
 }
 
 
@@ -70,8 +71,24 @@ def method_of(run: Run) -> Method:
 # ----------------------------------------------------------------------------- priors
 
 
+FINETUNE_LR = 3e-4  # the presets' fine-tunes of a converged prior (lenet_noise, lenet_robust)
+
+
+@dataclasses.dataclass(frozen=True)
+class BasePrior:
+    """A converged prior a clean row uses as is (``Run.base_prior``; nothing to train)."""
+
+    path: str
+
+
 def prior_config(run: Run):
-    """The ``gitjax.configs.TrainConfig`` of the prior ``run`` needs (None for prior-free methods)."""
+    """What ``run``'s prior is: a ``gitjax.configs.TrainConfig`` to train, a :class:`BasePrior`
+    to load, or None for prior-free methods.
+
+    With ``run.base_prior`` a clean row loads it; a matched row fine-tunes it under the
+    row's defence for ``prior_steps`` at ``FINETUNE_LR`` with the base's own recipe (its
+    generator, stream and batch), as the presets ``lenet_noise`` / ``lenet_robust`` do.
+    """
     from gitjax.configs import TrainConfig, perturb, prior_generator, stream_for
 
     kind = method_of(run).prior_kind
@@ -92,6 +109,20 @@ def prior_config(run: Run):
                               "relative discrepancy to match")
     elif run.prior_training != "clean":
         raise GitjaxError(f"prior_training must be 'clean' or 'matched', got {run.prior_training!r}")
+    if run.base_prior:
+        from gitjax.study.grids import _base_config, base_prior_fits, package_path
+
+        path = package_path(run.base_prior)
+        base = _base_config(path)
+        problem = base_prior_fits(run, base)
+        if problem:
+            raise GitjaxError(f"base prior {run.base_prior} cannot attack this row: {problem}")
+        if run.prior_training == "clean":
+            return BasePrior(path)
+        return dataclasses.replace(
+            base, init_from=path, steps=b.prior_steps, lr=FINETUNE_LR, warmup=min(b.prior_warmup, b.prior_steps - 1),
+            perturbations=perturbations, param_discrepancy=discrepancy, eval_gradients=b.prior_eval,
+            checkpoint_every=0, keep_checkpoints=1, log_every=max(1, b.prior_steps // 10), eval_every=0)
     return TrainConfig(
         victim=run.victim, victim_kwargs=run.victim_kwargs, victim_pretrain_steps=b.victim_pretrain_steps,
         # The presets' recipe (lenet_coarse): streamed data, Coarse-GIT's mirror decoder.
@@ -127,6 +158,8 @@ class PriorCache:
         from gitjax.prior import load_prior
         from gitjax.train import train_prior
 
+        if isinstance(config, BasePrior):
+            return self._base(config)
         key = prior_key(config)
         if key in self._failed:
             raise GitjaxError(f"prior {key} failed to train: {self._failed[key]}")
@@ -151,6 +184,23 @@ class PriorCache:
         entry = (load_prior(workdir), record)
         self._loaded[key] = entry
         return entry
+
+    def _base(self, base: BasePrior) -> tuple[Any, dict[str, Any]]:
+        """A converged prior, loaded as is; its record names its best step and validation PSNR."""
+        from gitjax.prior import load_prior
+
+        if base.path not in self._loaded:
+            path = Path(base.path)
+            best = {}
+            for name, field in (("best.json", None), ("made_by.json", "best")):
+                if (path / name).is_file():
+                    info = json.loads((path / name).read_text())
+                    best = info.get(field, {}) if field else info
+                    break
+            record = {"key": f"base:{path.name}", "workdir": str(path), "train_seconds": 0.0, "base": True,
+                      "final": {k: best[k] for k in ("step", "val_psnr", "test_psnr") if k in best}}
+            self._loaded[base.path] = (load_prior(path), record)
+        return self._loaded[base.path]
 
 
 # ----------------------------------------------------------------------------- one row

@@ -8,13 +8,17 @@ Run one with::
 
 Every experiment crosses victims x settings x methods. Methods: ``lti`` (Learning
 to Invert, Wu et al. 2023), ``coarse`` / ``exact`` (GIT), ``ig`` (Inverting
-Gradients, Geiping et al. 2020) and ``git+ig`` (IG started at Coarse-GIT's
-output). Where the trainer can, a ``coarse (matched prior)`` column adds a prior
-trained under the same defence as the attack.
+Gradients, Geiping et al. 2020), ``git+ig`` (IG started at Coarse-GIT's output)
+and ``exact+ig`` (IG started at Exact-GIT's). Where the trainer can, a ``coarse
+(matched prior)`` column adds a prior trained under the same defence as the attack.
+Base priors (``Scale.base_priors``, ``--base-prior VICTIM:KIND=PATH``): converged
+priors that clean rows use as is and matched rows fine-tune, instead of priors
+trained at the budget.
 
 Scales (see ``SCALES``):
   * ``small``: embedded offline data (prior on ``patches``), 32x32, CPU budgets
-    (priors 400 steps x 32 gradients, IG 200 steps, 8 test images; Exact-GIT on the MLP only);
+    (priors 400 steps x 32 gradients, IG 200 steps, 8 test images; Exact-GIT on the MLP,
+    and on LeNet at B = 1 from the shipped converged ``gitjax/priors/lenet_exact``);
   * ``full``: TFDS data (prior on CIFAR-10), the paper's budgets (priors 20k steps x
     64 gradients over the 50k CIFAR-10 train images, IG 24k steps as in Geiping
     et al.'s ImageNet setting, 64 test images); meant for a GPU.
@@ -46,9 +50,12 @@ Decisions the paper leaves open (PAPER.md sec. 8 says its grids were not found):
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 from typing import Any, Sequence
 
 from gitjax.study.spec import Budget, Defense, Experiment, PlotSpec, Run
+from gitjax.types import GitjaxError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +67,9 @@ class Scale:
     train_dataset: str
     shift_targets: tuple[str, ...]
     budget: Budget
+    # (victim, prior kind, path): converged priors used instead of training one at the budget
+    # (relative paths are under the package, e.g. the shipped "priors/lenet_exact").
+    base_priors: tuple[tuple[str, str, str], ...] = ()
 
 
 SCALES: dict[str, Scale] = {
@@ -70,6 +80,7 @@ SCALES: dict[str, Scale] = {
         shift_targets=("patches", "textures", "faces", "digits"),
         budget=Budget(image_size=32, prior_steps=400, prior_batch=32, prior_lr=1e-3, prior_warmup=50,
                       prior_eval=32, attack_steps=200, num_images=8, local_data=256),
+        base_priors=(("lenet", "exact", "priors/lenet_exact"),),
     ),
     "full": Scale(
         victims=("mlp", "lenet", "resnet18", "vit"),
@@ -90,7 +101,7 @@ VICTIM_KWARGS: dict[str, tuple[tuple[str, Any], ...]] = {
     "resnet8": (("norm", "group"),),
     "resnet18": (("norm", "group"),),
 }
-GRID_METHODS = ("lti", "coarse", "exact", "ig", "git+ig")
+GRID_METHODS = ("lti", "coarse", "exact", "ig", "git+ig", "exact+ig")
 MATCHED_METHODS = ("coarse",)  # methods that also get a prior trained under the attack's defence
 
 
@@ -121,9 +132,12 @@ def _thin(settings: Sequence[Setting], smoke: bool) -> list[Setting]:
 
 
 def methods_for(victim: str, scale: str) -> tuple[str, ...]:
-    """Exact-GIT only where it trains in the scale's budget: its unrolled conv pseudo-inverses
-    train at ~2 examples/s for LeNet on a CPU (the paper, too, ran it on a tiny model only)."""
-    return tuple(m for m in GRID_METHODS if m != "exact" or victim in SCALES[scale].exact_victims)
+    """Exact-GIT where it trains in the scale's budget or a base prior can serve it: its conv
+    inversions train at ~12 examples/s for LeNet on a CPU (the paper, too, ran it on a tiny
+    model only); rows that no base prior covers are dropped by :func:`apply_base_priors`."""
+    sc = SCALES[scale]
+    exact_ok = victim in sc.exact_victims or any(v == victim and k == "exact" for v, k, _ in sc.base_priors)
+    return tuple(m for m in GRID_METHODS if m not in ("exact", "exact+ig") or exact_ok)
 
 
 def matrix(experiment: str, scale: str, smoke: bool, settings: Sequence[Setting]) -> list[Run]:
@@ -143,6 +157,93 @@ def matrix(experiment: str, scale: str, smoke: bool, settings: Sequence[Setting]
             if s.matched:
                 runs += [Run(method=m, prior_training="matched", **common) for m in MATCHED_METHODS if m in methods]
     return runs
+
+
+# ----------------------------------------------------------------------------- base priors
+
+
+def package_path(path: str) -> str:
+    """``path`` itself when it exists (or is absolute), else under the package (``priors/NAME``)."""
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() or p.exists() else Path(__file__).resolve().parent.parent / p)
+
+
+@functools.lru_cache(maxsize=32)
+def _base_config(path: str):
+    from gitjax.prior import load_prior
+
+    config = load_prior(path).config
+    if config is None:
+        raise GitjaxError(f"base prior {path} holds no training config; pass a gitjax train-prior --workdir")
+    return config
+
+
+def base_prior_fits(run: Run, config) -> str | None:
+    """None when a prior trained with ``config`` can attack ``run`` (same victim, victim params
+    and generator kind), else what differs: the attacker's victim copy is rebuilt from these
+    fields, so equal fields mean equal params."""
+    from gitjax.study.execute import method_of
+
+    want = {"victim": run.victim, "victim_kwargs": dict(run.victim_kwargs), "dataset": run.train_dataset,
+            "seed": run.seed, "victim_pretrain_steps": run.budget.victim_pretrain_steps,
+            "victim_batch": run.batch_size, "generator kind": method_of(run).prior_kind}
+    have = {"victim": config.victim, "victim_kwargs": dict(config.victim_kwargs), "dataset": config.dataset,
+            "seed": config.seed, "victim_pretrain_steps": config.victim_pretrain_steps,
+            "victim_batch": config.victim_batch, "generator kind": config.generator.kind}
+    diff = [f"{k} {have[k]!r} (row: {want[k]!r})" for k in want if have[k] != want[k]]
+    return "; ".join(diff) or None
+
+
+def parse_base_priors(items: Sequence[str]) -> dict[tuple[str, str], str]:
+    """``["lenet:coarse=runs/lenet_coarse", ...]`` -> {(victim, kind): path} (``--base-prior``)."""
+    out = {}
+    for item in items:
+        head, sep, path = item.partition("=")
+        victim, colon, kind = head.partition(":")
+        if not (sep and colon and victim and kind and path):
+            raise GitjaxError(f"--base-prior expects VICTIM:KIND=PATH (e.g. lenet:coarse=runs/lenet_coarse), "
+                              f"got {item!r}")
+        out[(victim.strip(), kind.strip())] = path.strip()
+    return out
+
+
+def apply_base_priors(runs: Sequence[Run], scale: str, extra: dict[tuple[str, str], str] | None = None,
+                      use: bool = True) -> list[Run]:
+    """Points every row whose method's prior a base prior can serve at it (``Run.base_prior``).
+
+    Bases: the scale's ``base_priors``, then ``extra`` ({(victim, kind): path}, the
+    ``--base-prior`` flags; a later one wins). A base serves the clean rows of its victim
+    and generator kind that share its victim copy (same data, seed, B); matched rows
+    fine-tune from it. Exact-GIT rows of victims outside ``exact_victims`` that no base
+    serves are dropped (their prior would not train in the budget). ``use=False`` (smoke
+    grids) applies no base and only drops those rows.
+    """
+    from gitjax.study.execute import method_of
+
+    bases = {(v, k): p for v, k, p in SCALES[scale].base_priors} if use else {}
+    bases.update(extra or {})
+    for (victim, kind), path in bases.items():
+        if not Path(package_path(path)).exists():
+            raise GitjaxError(f"base prior for {victim}:{kind} not found at {path}; train it with gitjax "
+                              "train-prior (docs/results.md names the presets) or drop the --base-prior flag")
+    out, served, misfit = [], set(), {}
+    for run in runs:
+        kind = method_of(run).prior_kind
+        path = bases.get((run.victim, kind))  # kept as given: a run's key must not depend on the checkout's place
+        problem = None if path is None else base_prior_fits(run, _base_config(package_path(path)))
+        if path is not None and problem is None:
+            run = dataclasses.replace(run, base_prior=path)
+            served.add((run.victim, kind))
+        elif path is not None:
+            misfit.setdefault((run.victim, kind), problem)
+        if kind == "exact" and not run.base_prior and run.victim not in SCALES[scale].exact_victims:
+            continue
+        out.append(run)
+    for vk in (extra or {}):
+        if vk in misfit and vk not in served:  # a flag that changes nothing is a mistake worth one line
+            raise GitjaxError(f"--base-prior {vk[0]}:{vk[1]}={extra[vk]} fits none of the experiment's "
+                              f"{vk[0]} {vk[1]} rows: it differs in {misfit[vk]}")
+    return out
 
 
 # ----------------------------------------------------------------------------- the experiments

@@ -76,11 +76,14 @@ def write_report(exp: Experiment, runs: Sequence[Run], out_dir: str | Path, scal
             priors[p["key"]] = {"prior": Path(p["workdir"]).name, "train s": p.get("train_seconds"),
                                 **{f"final {k}": v for k, v in p.get("final", {}).items()}}
     b = runs[0].budget if runs else Budget()
+    bases = sorted({(r.victim, r.base_prior) for r in runs if r.base_prior})
+    base_note = ("Base priors (converged, used as is by clean rows; matched rows fine-tune them "
+                 f"{b.prior_steps} steps): " + ", ".join(f"{v} `{p}`" for v, p in bases) + ". ") if bases else ""
     lines = [
         f"# {exp.name}: {exp.description}",
         "",
         f"Scale `{scale}`: {b.num_images} test images per row, {b.image_size}x{b.image_size}, priors "
-        f"{b.prior_steps} steps x {b.prior_batch} gradients, IG {b.attack_steps} steps. "
+        f"{b.prior_steps} steps x {b.prior_batch} gradients, IG {b.attack_steps} steps. {base_note}"
         f"{len(done)} of {len(runs)} runs have results ({len(failed)} failed).",
         "",
         "Cells: PSNR (dB) / SSIM, mean over the test images after Hungarian matching within each batch. "

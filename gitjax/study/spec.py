@@ -113,6 +113,10 @@ class Run:
       labels_known: give the true labels to IG (else recovered from the gradient).
       budget: the compute scale.
       seed: data selection, victim init, defence noise, attack init.
+      base_prior: a trained prior (a run dir or a shipped ``gitjax/priors/NAME``) for this
+        row's method: used as is by a clean row, fine-tuned from by a matched one ("" : the
+        row trains its prior at the budget). Set by ``grids.apply_base_priors``; out of the
+        key when empty, so rows without one keep their keys.
       setting, x, panel: table row label, numeric x for plots, plot panel (not in the key).
     """
 
@@ -131,6 +135,7 @@ class Run:
     victim_kwargs: tuple[tuple[str, Any], ...] = ()
     budget: Budget = Budget()
     seed: int = 0
+    base_prior: str = dataclasses.field(default="", metadata={"omit_default": True})
     setting: str = _presentation("")
     x: float | None = _presentation(None)
     panel: str = _presentation("")
@@ -148,8 +153,9 @@ def run_to_dict(run: Run) -> dict[str, Any]:
     """The run's identity as plain JSON values (presentation fields excluded)."""
     out = {}
     for f in dataclasses.fields(run):
-        if f.metadata.get("key", True):
-            out[f.name] = jsonable(getattr(run, f.name))
+        value = getattr(run, f.name)
+        if f.metadata.get("key", True) and not (f.metadata.get("omit_default") and value == f.default):
+            out[f.name] = jsonable(value)
     return out
 
 
