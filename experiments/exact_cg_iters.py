@@ -6,10 +6,15 @@ gradients of the ``patches`` split (images drawn with ``--seed``, as compare_gen
 draws them), one-shot:
 
     python -m experiments.exact_cg_iters --checkpoint gitjax/priors/lenet_exact --iters 256 512 1024 \\
-        [--split test] [--num-images 32] [--seed 0] [--noise-std 1e-3]
+        [--split test] [--num-images 32] [--seed 0] [--noise-std 1e-3] [--layers]
 
 With ``--noise-std`` the leaked gradients carry Gaussian noise of that absolute std (the
 ``gaussian`` defence): CG run to convergence fits the noise, fewer steps regularise.
+
+``--layers`` adds, per K, where the error enters: for every dense/conv layer, the relative
+L2 error of Exact-GIT's estimate of that layer's input (recorded by the generator in its
+``diagnostics`` collection) against the true input (the victim's forward, intercepted),
+mean over images, and the leaked gradient's per-layer RMS (the signal the noise meets).
 
 Prints one JSON line per K: PSNR, SSIM, seconds (compilation included) and the oracle rows.
 """
@@ -28,6 +33,26 @@ from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
 from gitjax.prior import load_prior
 
 
+def layer_errors(prior, grads_N, x_Nx1: np.ndarray) -> dict[str, float]:
+    """Mean over the N images of |estimate - truth| / |truth| of each dense/conv layer's input."""
+    from gitjax.per_example import _forward
+
+    vic = prior.victim
+    _, diag = prior.generator.apply({"params": prior.gen_params}, grads_N, prior.victim_params,
+                                    mutable=["diagnostics"])
+    est = {k.removesuffix("_input"): v[0] for k, v in diag["diagnostics"]["core"].items()}
+    out: dict[str, list[float]] = {}
+    for n in range(x_Nx1.shape[0]):
+        _, inputs, _ = _forward(vic, prior.victim_params, prior.victim_state, x_Nx1[n], None, None)
+        for key, truth in inputs.items():
+            name = key.split("#")[0].replace("/", "_")
+            if name in est:
+                t = np.asarray(truth).reshape(-1)
+                e = np.asarray(est[name][n]).reshape(-1)
+                out.setdefault(name, []).append(float(np.linalg.norm(e - t) / max(np.linalg.norm(t), 1e-12)))
+    return {k: round(float(np.mean(v)), 4) for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="an Exact-GIT prior (run dir)")
@@ -36,6 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--num-images", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise on the leaked gradients")
+    ap.add_argument("--layers", action="store_true", help="also the per-layer relative error of the inversion")
     args = ap.parse_args(argv)
     prior = load_prior(args.checkpoint)
     if prior.config is None or prior.config.generator.kind != "exact":
@@ -48,6 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     noise = {"defense": "gaussian", "defense_args": {"std": args.noise_std}} if args.noise_std > 0 else {}
     base = attacker_from_prior(prior)
     grads_N = leak(vic, base.params, base.state, x_Nx1, y_Nx1, jax.random.key(args.seed), **noise)
+    clean_N = leak(vic, base.params, base.state, x_Nx1, y_Nx1, jax.random.key(args.seed)) if args.layers else None
     rows = []
     for k in args.iters:
         att = attacker_from_prior(prior.with_generator_config(exact_cg_iters=k))
@@ -57,6 +84,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"cg_iters": k, "noise_std": args.noise_std, "split": args.split, "n": args.num_images, "psnr": round(sc["psnr"], 2),
                "ssim": round(sc["ssim"], 3), "seconds": round(time.perf_counter() - t0, 1),
                "oracles": {o["method"]: round(o["psnr"], 2) for o in sc["oracles"]}}
+        if args.layers:
+            row["layer_rel_error"] = layer_errors(att.prior, grads_N, x_Nx1)
+            row["grad_rms"] = {"/".join(str(getattr(k, "key", k)) for k in path): float(np.sqrt(np.mean(
+                np.square(np.asarray(g))))) for path, g in jax.tree_util.tree_flatten_with_path(clean_N)[0]}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

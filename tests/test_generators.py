@@ -327,3 +327,21 @@ def test_exact_git_resnet_training_step_finishes():
         pytest.fail("Exact-GIT ResNet-8 training step did not finish in 600 s (XLA:CPU hang?)")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith("OK"), out.stdout
+
+
+def test_exact_git_records_each_layer_input_estimate_on_request():
+    """The ``diagnostics`` collection (experiments.exact_cg_iters --layers): one layer-input estimate per
+    dense/conv layer, (N, B, *input shape); the MLP's first layer is inverted exactly at B = 1, so its
+    estimate is the normalised image. Without the collection requested the output is the same."""
+    victim, params, _ = victim_and_params("mlp")
+    grads, x = leaked("mlp", 1)
+    gen = build_generator(GeneratorConfig(kind="exact", batch_size=1, refine_channels=0), victim, params)
+    gp = jax.jit(gen.init)(jax.random.PRNGKey(0), grads, params)["params"]
+    out, diag = jax.jit(lambda g: gen.apply({"params": gp}, g, params, mutable=["diagnostics"]))(grads)
+    np.testing.assert_array_equal(out, jax.jit(gen.apply)({"params": gp}, grads, params))
+    est = {k: v[0] for k, v in diag["diagnostics"]["core"].items()}
+    dense = [k for k in params if "kernel" in params[k]]
+    assert sorted(est) == sorted(f"{k}_input" for k in dense)
+    first = est[f"{dense[0]}_input"]
+    assert first.shape == (2, 1, math.prod(victim.input_shape))
+    np.testing.assert_allclose(first.reshape(x.shape), victim.normalize(x), atol=1e-3)

@@ -107,7 +107,7 @@ class ExactGIT(nn.Module):
                                   "(pass them to apply, or build it with use_victim_params=False)")
             check_victim_params(self.plan.layout, victim_params)
         core = nn.vmap(_ExactCore, in_axes=(0, None), out_axes=0,
-                       variable_axes={"params": None}, split_rngs={"params": False})
+                       variable_axes={"params": None, "diagnostics": 0}, split_rngs={"params": False})
         return core(self.config, self.plan, name="core")(grads_N, victim_params)
 
 
@@ -216,6 +216,7 @@ class _ExactCore(nn.Module):
             a = cg_refine(ops, kernel, bias, dk_sum, e, z, m, a, log_w, self.config.exact_cg_iters, noise=nsr,
                           grad_iters=self.config.exact_cg_grad_iters)
         e_in = ops.fold(ops.back(e, kernel))  # W^T delta: the transposed layer
+        self.sow("diagnostics", f"{name}_input", a)  # the layer-input estimate (a no-op unless asked for)
         return a, e_in, jnp.ones_like(a)
 
     def _norm_layer(self, lp: LayerPlan, state: State, g: dict[str, Array], vp: Params | None) -> State:
