@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from experiments import compare_generators, git_ig_refine
+from experiments import compare_generators, exact_cg_iters, git_ig_refine
 from gitjax.configs import get_preset
 from gitjax.generators import GeneratorConfig
 from gitjax.train import train_prior
@@ -53,6 +53,19 @@ def test_git_ig_refine_reports_margin_and_oracles(exact_mlp_prior):
     assert git_ig_refine.variant_config("git+ig", 4).holdout == 0.2
     assert git_ig_refine.variant_config("holdout=0.3", 4).holdout == 0.3
     assert git_ig_refine.variant_config("holdout=0", 4).holdout == 0.0
+
+
+def test_exact_cg_iters_layers_says_where_the_error_enters(exact_mlp_prior):
+    """--layers: per dense layer, the inversion's relative error; the MLP's first layer (the image) is
+    exact on clean gradients, and gradient noise raises every layer's error."""
+    common = ["--checkpoint", exact_mlp_prior, "--iters", "4", "--num-images", "2", "--split", "train", "--layers"]
+    (clean,) = exact_cg_iters.main(common)
+    (noisy,) = exact_cg_iters.main(common + ["--noise-std", "1e-2"])
+    assert set(clean["layer_rel_error"]) == set(noisy["layer_rel_error"]) and len(clean["layer_rel_error"]) >= 2
+    first = min(clean["layer_rel_error"])  # dense0: the image's layer
+    assert clean["layer_rel_error"][first] < 1e-2 and clean["psnr"] > 40.0
+    assert all(noisy["layer_rel_error"][k] > clean["layer_rel_error"][k] for k in clean["layer_rel_error"])
+    assert all(v > 0 for v in clean["grad_rms"].values()) and set(clean["oracles"]) == ORACLES
 
 
 def test_robust_check_writes_one_column_per_condition_and_the_gain_row(exact_mlp_prior, tmp_path):
