@@ -116,6 +116,9 @@ def test_base_priors_serve_the_rows_they_fit():
         study.experiment_runs("noise", "small", victims=["lenet"], base_priors={("lenet", "coarse"): "/no/such/run"})
     with pytest.raises(study.GitjaxError, match="fits none.*generator kind 'exact' \\(row: 'coarse'\\)"):
         study.experiment_runs("noise", "small", victims=["lenet"], base_priors={("lenet", "coarse"): path})
+    # A B = 1 base next to rows of another B only (fedavg: B = 4) is not a mistake: those rows train their own.
+    fedavg = study.experiment_runs("fedavg", "small", victims=["lenet"], base_priors={("lenet", "exact"): path})
+    assert fedavg and not any(r.base_prior for r in fedavg)
 
 
 def test_a_base_prior_loads_as_is_with_its_record(tmp_path):

@@ -234,13 +234,13 @@ def apply_base_priors(runs: Sequence[Run], scale: str, extra: dict[tuple[str, st
         if path is not None and problem is None:
             run = dataclasses.replace(run, base_prior=path)
             served.add((run.victim, kind))
-        elif path is not None:
-            misfit.setdefault((run.victim, kind), problem)
+        elif path is not None and not (problem.startswith("victim_batch ") and ";" not in problem):
+            misfit.setdefault((run.victim, kind), problem)  # (rows of another B are expected not to fit)
         if kind == "exact" and not run.base_prior and run.victim not in SCALES[scale].exact_victims:
             continue
         out.append(run)
     for vk in (extra or {}):
-        if vk in misfit and vk not in served:  # a flag that changes nothing is a mistake worth one line
+        if vk in misfit and vk not in served:  # a flag that fits no row for another reason than B is a mistake
             raise GitjaxError(f"--base-prior {vk[0]}:{vk[1]}={extra[vk]} fits none of the experiment's "
                               f"{vk[0]} {vk[1]} rows: it differs in {misfit[vk]}")
     return out
