@@ -33,6 +33,11 @@ other jobs, so wall times are ~2x a dedicated one; CPU time in brackets):
   * prune (2026-12-07, a dedicated machine): 19 runs, 3 new priors, 4.4 min. At ratio 0 / 0.5 / 0.9 / 0.99:
     Coarse-GIT 18.6 / 18.6 / 17.3 / 10.4, matched 18.5 / 17.8 / 17.6 (0.5-0.99), IG 21.8 / 21.7 / 18.0 / 8.3,
     GIT+IG 26.3 / 25.9 / 24.3 / 11.5 (docs/results.md).
+  * all eight with the converged LeNet priors as bases (2026-12-07, ``--base-prior
+    lenet:coarse=runs/lenet_coarse --base-prior lenet:lti=runs/lenet_lti``; the matched priors
+    fine-tune the base 400 steps): noise 19 runs in 9 min, all eight ~48 min sharing the CPU.
+    Noise std 0 / 1e-3 / 1e-2: Coarse-GIT 24.2 / 22.6 / 12.7, Exact-GIT 48.2 / 11.2 / 9.6, exact+ig
+    48.2 / 25.3 / 16.3, GIT+IG 28.4 / 26.6 / 18.4, IG 21.8 / 21.3 / 15.4 (docs/results.md).
   The MLP's priors train ~3x slower than LeNet's (an 800k-entry first-layer gradient);
   all four victims should take ~25-40 min per experiment on a dedicated 2-core machine (estimated from
   the CPU times above, not measured).
