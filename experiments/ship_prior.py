@@ -8,9 +8,10 @@ sets Exact-GIT's CG steps for attacks: they are not parameters, so a prior train
 steps runs with more at attack time (the shipped LeNet prior: trained at 256, shipped at 512,
 docs/results.md).
 
-Keeps only what attacks need (the best-by-validation EMA generator params, the victim's
-params and state, the config; ``save_prior`` adds a fresh optimiser state so the folder is
-a loadable run directory) and writes ``made_by.json``: the command, the best step and its
+Keeps only what attacks and fine-tunes need (the best-by-validation EMA generator params, the
+victim's params and state, the config; ``save_prior(..., ema_only=True)`` adds a fresh
+optimiser state and zeros for the raw params, so the folder is a loadable run directory half
+the size; ``--full-state`` keeps the EMA as the raw params too) and writes ``made_by.json``: the command, the best step and its
 validation/test PSNR, and the training time from the run's metrics file.
 """
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dest", help="the folder to write (replaced)")
     p.add_argument("--made-by", required=True, help="the command that trained the run")
     p.add_argument("--exact-cg-iters", type=int, default=None, help="Exact-GIT CG steps for attacks (default: as trained)")
+    p.add_argument("--full-state", action="store_true", help="store the EMA as the raw params too (twice the size)")
     args = p.parse_args(argv)
     run, dest = Path(args.run), Path(args.dest)
     prior = load_prior(run)  # the best-by-validation checkpoint when the run recorded one
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         prior = prior.with_generator_config(exact_cg_iters=args.exact_cg_iters)
     if dest.exists():
         shutil.rmtree(dest)
-    save_prior(prior, dest)
+    save_prior(prior, dest, ema_only=not args.full_state)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rate = [r["examples_per_s"] for r in records if "examples_per_s" in r]
     best = json.loads((run / "best.json").read_text()) if (run / "best.json").is_file() else {}

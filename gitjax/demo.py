@@ -23,19 +23,10 @@ import numpy as np
 
 from gitjax import metrics, viz
 from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
+from gitjax.prior import SHIPPED_PRIORS, shipped_prior_dir
 from gitjax.types import GitjaxError
 
-# Priors shipped inside the package (small: the learned parts of the generator and the victim's
-# weights), keyed by (victim, generator); each folder is a run directory ``load_prior`` reads.
-SHIPPED_PRIORS = {("lenet", "exact"): "lenet_exact"}
 PRIOR_CHOICES = ("auto", "shipped", "train")
-
-
-def shipped_prior_dir(victim: str, generator: str) -> Path | None:
-    """The shipped prior's folder for (victim, generator), or None if none is shipped (or it is missing)."""
-    name = SHIPPED_PRIORS.get((victim, generator))
-    path = None if name is None else Path(__file__).resolve().parent / "priors" / name
-    return path if path is not None and (path / "checkpoints").is_dir() else None
 
 
 def default_generator(victim: str) -> str:

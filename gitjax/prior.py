@@ -28,6 +28,18 @@ import numpy as np
 from gitjax.layout import GradientLayout
 from gitjax.trace import forward_order
 from gitjax.types import Array, GitjaxError, Grads, GradientMismatchError, ModelState, NonFiniteGradientError, Params
+
+# Priors shipped inside the package (gitjax/priors/NAME, made by experiments.ship_prior; each
+# made_by.json names its command), keyed by (victim, generator kind). The demo and the study's
+# small scale use them.
+SHIPPED_PRIORS: dict[tuple[str, str], str] = {("lenet", "exact"): "lenet_exact", ("lenet", "coarse"): "lenet_coarse"}
+
+
+def shipped_prior_dir(victim: str, generator: str) -> Path | None:
+    """The shipped prior's folder for (victim, generator), or None if none is shipped (or it is missing)."""
+    name = SHIPPED_PRIORS.get((victim, generator))
+    path = None if name is None else Path(__file__).resolve().parent / "priors" / name
+    return path if path is not None and (path / "checkpoints").is_dir() else None
 from gitjax.victims import Victim
 
 
@@ -204,12 +216,16 @@ def load_prior(path: str | Path, step: int | None = None) -> Prior:
     return Prior(state.ema_params, victim_tree["params"], victim_tree["state"], generator, victim, config)
 
 
-def save_prior(prior: Prior, workdir: str | Path, step: int = 0) -> Path:
+def save_prior(prior: Prior, workdir: str | Path, step: int = 0, ema_only: bool = False) -> Path:
     """Writes ``prior`` as a loadable run directory (``workdir/checkpoints/<step>/``); returns ``workdir``.
 
     For priors built or edited outside the trainer (it writes its own checkpoints). The
     optimiser state saved alongside is freshly initialised; ``load_prior`` returns
     ``gen_params`` unchanged. Needs ``prior.config``.
+
+    ``ema_only``: the train state's raw params are stored as zeros (they compress to nothing;
+    what attacks and ``init_from`` fine-tunes read is the EMA), which halves a shipped
+    prior. The meta item says so, and the trainer refuses to resume such a folder.
     """
     from gitjax.checkpoint import CHECKPOINT_SUBDIR, PriorCheckpointer
     from gitjax.configs import config_to_dict
@@ -220,10 +236,11 @@ def save_prior(prior: Prior, workdir: str | Path, step: int = 0) -> Path:
     workdir = Path(workdir)
     tx = make_optimizer(prior.config)
     params = prior.gen_params
-    state = TrainState(jnp.asarray(step, jnp.int32), params, params, tx.init(params), jax.random.PRNGKey(0))
+    raw = jax.tree_util.tree_map(jnp.zeros_like, params) if ema_only else params
+    state = TrainState(jnp.asarray(step, jnp.int32), raw, params, tx.init(params), jax.random.PRNGKey(0))
     v = prior.victim
     meta = {"victim": {"input_shape": list(v.input_shape), "num_classes": v.num_classes,
-                       "mean": list(v.mean), "std": list(v.std)}}
+                       "mean": list(v.mean), "std": list(v.std)}, "ema_only": ema_only}
     with PriorCheckpointer(workdir / CHECKPOINT_SUBDIR, max_to_keep=None) as ckpt:
         ckpt.save(step, state, {"params": prior.victim_params, "state": prior.victim_state},
                   config_to_dict(prior.config), meta)

@@ -422,6 +422,9 @@ def _restore_or_init(ckpt: PriorCheckpointer, config: TrainConfig, resume: bool,
     if not resume:
         raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); "
                               "pass resume=True to continue, or use a fresh workdir")
+    if ckpt.restore_meta(latest).get("ema_only"):
+        raise CheckpointError(f"{ckpt.directory} is a shipped prior (EMA params only) and cannot be resumed; "
+                              f"fine-tune it in a fresh workdir with init_from={str(ckpt.directory.parent)!r}")
     try:
         saved = config_from_dict(ckpt.restore_config(latest))
     except ConfigError as e:

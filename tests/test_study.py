@@ -67,8 +67,9 @@ def test_priors_are_shared_across_noise_levels_and_matched_per_level():
     assert len(keys[("coarse", "clean")]) == 1  # one clean prior for all 4 noise levels
     assert keys[("git+ig", "clean")] == keys[("coarse", "clean")]  # GIT+IG reuses Coarse-GIT's prior
     assert len(keys[("coarse", "matched")]) == 3  # one matched prior per non-zero level
-    # Exact-GIT on LeNet: the shipped converged prior, used as is (it does not train in the small budget).
+    # LeNet at B = 1: the shipped converged priors, used as is (Exact-GIT does not train in the small budget).
     assert keys[("exact", "clean")] == keys[("exact+ig", "clean")] == {package_path("priors/lenet_exact")}
+    assert keys[("coarse", "clean")] == {package_path("priors/lenet_coarse")}
     assert len({k for ks in keys.values() for k in ks if k}) == 2 + 3 + 1  # lti, coarse + 3 matched + exact
     assert not any(r.method == "exact" for r in study.experiment_runs("noise", "small", victims=["resnet8"]))
     assert any(r.method == "exact" and r.victim == "lenet" for r in EXPERIMENTS["noise"].build("full", False))
@@ -85,7 +86,9 @@ def test_base_priors_serve_the_rows_they_fit():
     exact = [r for r in runs if r.method in ("exact", "exact+ig")]
     assert [r.batch_size for r in exact] == [1, 1]  # B = 4, 16 would need an Exact prior trained per B
     assert {r.base_prior for r in exact} == {"priors/lenet_exact"}
-    assert not any(r.base_prior for r in runs if r not in exact)
+    coarse = [r for r in runs if r.method in ("coarse", "git+ig")]
+    assert {(r.batch_size, r.base_prior) for r in coarse} == {(1, "priors/lenet_coarse"), (4, ""), (16, "")}
+    assert not any(r.base_prior for r in runs if r.method in ("lti", "ig"))
     ig = next(r for r in runs if r.method == "ig")
     assert "base_prior" not in study.run_to_dict(ig)  # rows without a base keep their keys
     assert study.run_key(exact[0]) != study.run_key(dataclasses.replace(exact[0], base_prior=""))

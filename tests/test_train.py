@@ -274,6 +274,25 @@ def test_init_from_starts_where_the_prior_ended_and_refuses_another_model(straig
         train_prior(other, tmp_path / "other", progress=False)
 
 
+def test_an_ema_only_prior_loads_and_fine_tunes_but_never_resumes(straight, tmp_path):
+    """save_prior(ema_only=True) (how experiments.ship_prior ships): attacks and init_from read the
+    EMA params unchanged; resuming would start from the zeroed raw params, so it is refused in one line."""
+    from gitjax.checkpoint import CheckpointError
+    from gitjax.prior import load_prior, save_prior
+
+    src = load_prior(straight.workdir)
+    slim = save_prior(src, tmp_path / "slim", ema_only=True)
+    for x, y in zip(_leaves(load_prior(slim).gen_params), _leaves(src.gen_params)):
+        assert np.array_equal(x, y)
+    tune = train_prior(TINY.replace(init_from=str(slim), steps=1, warmup=0, eval_every=1), tmp_path / "tune",
+                       progress=False)
+    step0 = next(r for r in tune.history if r["step"] == 0 and "val_loss" in r)
+    np.testing.assert_allclose(step0["val_loss"], json.loads((straight.workdir / BEST_FILE).read_text())["val_loss"],
+                               rtol=1e-5)
+    with pytest.raises(CheckpointError, match="shipped prior.*cannot be resumed.*init_from"):
+        train_prior(src.config.replace(steps=src.config.steps + 1), slim, resume=True, progress=False)
+
+
 def test_a_fine_tune_is_validated_under_its_augmentation(straight, tmp_path):
     """With perturbations the held-out gradients are perturbed like the training ones (fixed
     draws): step 0 of a noisy fine-tune scores the source prior worse than on clean gradients,

@@ -17,8 +17,9 @@ trained at the budget.
 
 Scales (see ``SCALES``):
   * ``small``: embedded offline data (prior on ``patches``), 32x32, CPU budgets
-    (priors 400 steps x 32 gradients, IG 200 steps, 8 test images; Exact-GIT on the MLP,
-    and on LeNet at B = 1 from the shipped converged ``gitjax/priors/lenet_exact``);
+    (priors 400 steps x 32 gradients, IG 200 steps, 8 test images; Exact-GIT on the MLP; on
+    LeNet at B = 1 the shipped converged priors ``gitjax/priors/lenet_exact`` and
+    ``lenet_coarse`` are the base priors of Exact-GIT and Coarse-GIT / GIT+IG);
   * ``full``: TFDS data (prior on CIFAR-10), the paper's budgets (priors 20k steps x
     64 gradients over the 50k CIFAR-10 train images, IG 24k steps as in Geiping
     et al.'s ImageNet setting, 64 test images); meant for a GPU.
@@ -60,6 +61,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gitjax.study.spec import Budget, Defense, Experiment, PlotSpec, Run
+from gitjax.prior import SHIPPED_PRIORS
 from gitjax.types import GitjaxError
 
 
@@ -85,7 +87,7 @@ SCALES: dict[str, Scale] = {
         shift_targets=("patches", "textures", "faces", "digits"),
         budget=Budget(image_size=32, prior_steps=400, prior_batch=32, prior_lr=1e-3, prior_warmup=50,
                       prior_eval=32, attack_steps=200, num_images=8, local_data=256),
-        base_priors=(("lenet", "exact", "priors/lenet_exact"),),
+        base_priors=tuple((v, k, f"priors/{name}") for (v, k), name in SHIPPED_PRIORS.items()),
     ),
     "full": Scale(
         victims=("mlp", "lenet", "resnet18", "vit"),
