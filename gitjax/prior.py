@@ -28,6 +28,7 @@ import numpy as np
 from gitjax.layout import GradientLayout
 from gitjax.trace import forward_order
 from gitjax.types import Array, GitjaxError, Grads, GradientMismatchError, ModelState, NonFiniteGradientError, Params
+from gitjax.victims import Victim
 
 # Priors shipped inside the package (gitjax/priors/NAME, made by experiments.ship_prior; each
 # made_by.json names its command), keyed by (victim, generator kind). The demo and the study's
@@ -40,7 +41,6 @@ def shipped_prior_dir(victim: str, generator: str) -> Path | None:
     name = SHIPPED_PRIORS.get((victim, generator))
     path = None if name is None else Path(__file__).resolve().parent / "priors" / name
     return path if path is not None and (path / "checkpoints").is_dir() else None
-from gitjax.victims import Victim
 
 
 @flax.struct.dataclass

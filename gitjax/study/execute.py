@@ -186,8 +186,9 @@ class PriorCache:
         return entry
 
     def _base(self, base: BasePrior) -> tuple[Any, dict[str, Any]]:
-        """A converged prior, loaded as is; its record names its best step and validation PSNR."""
-        from gitjax.prior import load_prior
+        """A converged prior, as is (loaded once per process, shared with the grids' fit check);
+        its record names its best step and validation PSNR."""
+        from gitjax.study.grids import load_base_prior
 
         if base.path not in self._loaded:
             path = Path(base.path)
@@ -199,7 +200,7 @@ class PriorCache:
                     break
             record = {"key": f"base:{path.name}", "workdir": str(path), "train_seconds": 0.0, "base": True,
                       "final": {k: best[k] for k in ("step", "val_psnr", "test_psnr") if k in best}}
-            self._loaded[base.path] = (load_prior(path), record)
+            self._loaded[base.path] = (load_base_prior(base.path), record)
         return self._loaded[base.path]
 
 

@@ -176,19 +176,25 @@ def package_path(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _base_config(path: str):
+def load_base_prior(path: str):
+    """The base prior at ``path`` (a resolved path), loaded once per process: grids read its
+    config, the study's rows its params."""
     from gitjax.prior import load_prior
 
-    config = load_prior(path).config
-    if config is None:
+    prior = load_prior(path)
+    if prior.config is None:
         raise GitjaxError(f"base prior {path} holds no training config; pass a gitjax train-prior --workdir")
-    return config
+    return prior
 
 
-def base_prior_fits(run: Run, config) -> str | None:
-    """None when a prior trained with ``config`` can attack ``run`` (same victim, victim params
-    and generator kind), else what differs: the attacker's victim copy is rebuilt from these
-    fields, so equal fields mean equal params."""
+def _base_config(path: str):
+    return load_base_prior(path).config
+
+
+def base_prior_mismatch(run: Run, config) -> dict[str, tuple[Any, Any]]:
+    """{field: (prior's, row's)} where a prior trained with ``config`` differs from what ``run``
+    attacks (victim, victim params, B, generator kind); empty when it can attack ``run``. The
+    attacker's victim copy is rebuilt from these fields, so equal fields mean equal params."""
     from gitjax.study.execute import method_of
 
     want = {"victim": run.victim, "victim_kwargs": dict(run.victim_kwargs), "dataset": run.train_dataset,
@@ -197,8 +203,16 @@ def base_prior_fits(run: Run, config) -> str | None:
     have = {"victim": config.victim, "victim_kwargs": dict(config.victim_kwargs), "dataset": config.dataset,
             "seed": config.seed, "victim_pretrain_steps": config.victim_pretrain_steps,
             "victim_batch": config.victim_batch, "generator kind": config.generator.kind}
-    diff = [f"{k} {have[k]!r} (row: {want[k]!r})" for k in want if have[k] != want[k]]
-    return "; ".join(diff) or None
+    return {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+
+
+def _describe(diff: dict[str, tuple[Any, Any]]) -> str | None:
+    return "; ".join(f"{k} {a!r} (row: {b!r})" for k, (a, b) in diff.items()) or None
+
+
+def base_prior_fits(run: Run, config) -> str | None:
+    """None when a prior trained with ``config`` can attack ``run``, else what differs (one line)."""
+    return _describe(base_prior_mismatch(run, config))
 
 
 def parse_base_priors(items: Sequence[str]) -> dict[tuple[str, str], str]:
@@ -237,12 +251,12 @@ def apply_base_priors(runs: Sequence[Run], scale: str, extra: dict[tuple[str, st
     for run in runs:
         kind = method_of(run).prior_kind
         path = bases.get((run.victim, kind))  # kept as given: a run's key must not depend on the checkout's place
-        problem = None if path is None else base_prior_fits(run, _base_config(package_path(path)))
-        if path is not None and problem is None:
+        diff = {} if path is None else base_prior_mismatch(run, _base_config(package_path(path)))
+        if path is not None and not diff:
             run = dataclasses.replace(run, base_prior=path)
             served.add((run.victim, kind))
-        elif path is not None and not (problem.startswith("victim_batch ") and ";" not in problem):
-            misfit.setdefault((run.victim, kind), problem)  # (rows of another B are expected not to fit)
+        elif path is not None and set(diff) != {"victim_batch"}:  # rows of another B are expected not to fit
+            misfit.setdefault((run.victim, kind), _describe(diff))
         if kind == "exact" and not run.base_prior and run.victim not in SCALES[scale].exact_victims:
             continue
         out.append(run)
