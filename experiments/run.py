@@ -8,4 +8,7 @@ import sys
 from gitjax.study import main
 
 if __name__ == "__main__":
+    import gitjax
+
+    gitjax.configure_xla_cpu()  # as the gitjax CLI: without it an Exact-GIT ResNet step can hang on XLA:CPU
     sys.exit(main())

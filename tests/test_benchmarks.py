@@ -33,3 +33,25 @@ def test_device_suite_tiny_writes_every_part(tmp_path):
     for figure in ("per-example / batch-mean", "IG iteration / objective gradient", "one-shot / generator forward",
                    "Exact / Coarse step", "Coarse step / (leak + generator update)", "test PSNR reached"):
         assert figure in table
+
+
+def test_every_script_entry_point_sets_the_xla_cpu_workaround_first():
+    """Each ``python benchmarks/X.py`` / ``python -m experiments.X`` sets the CLI's XLA:CPU flag before main.
+
+    Without it an Exact-GIT ResNet-8 step was seen to hang at 0 % CPU (2026-12-07:
+    ``benchmarks/generator_step.py --victims resnet8``), as the gitjax CLI's did before
+    ``gitjax.configure_xla_cpu``.
+    """
+    import ast
+
+    missing = []
+    for path in sorted([*REPO.glob("benchmarks/*.py"), *REPO.glob("experiments/*.py")]):
+        tree = ast.parse(path.read_text())
+        mains = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        if not mains:
+            continue
+        calls = [ast.unparse(s) for s in mains[0].body if isinstance(s, ast.Expr)]
+        first_call = calls[0] if calls else ""
+        if "configure_xla_cpu()" not in first_call:
+            missing.append(path.name)
+    assert not missing, f"entry points without gitjax.configure_xla_cpu() first: {missing}"
