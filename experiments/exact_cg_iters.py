@@ -14,7 +14,9 @@ With ``--noise-std`` the leaked gradients carry Gaussian noise of that absolute 
 ``--layers`` adds, per K, where the error enters: for every dense/conv layer, the relative
 L2 error of Exact-GIT's estimate of that layer's input (recorded by the generator in its
 ``diagnostics`` collection) against the true input (the victim's forward, intercepted),
-mean over images, and the leaked gradient's per-layer RMS (the signal the noise meets).
+mean over images (for a conv that skips input entries, a 1x1 stride-2 projection, also over the
+entries it reads: ``layer_rel_error_read``), and the leaked gradient's per-layer RMS (the signal
+the noise meets).
 
 Prints one JSON line per K: PSNR, SSIM, seconds (compilation included) and the oracle rows.
 """
@@ -33,15 +35,42 @@ from gitjax.pipeline import attacker_from_prior, leak, reconstruct, score
 from gitjax.prior import load_prior
 
 
-def layer_errors(prior, grads_N, x_Nx1: np.ndarray) -> dict[str, float]:
-    """Mean over the N images of |estimate - truth| / |truth| of each dense/conv layer's input."""
+def _read_masks(prior) -> dict[str, np.ndarray]:
+    """(*in_shape) 0/1 masks of the input entries a conv reads, for convs that skip some (stride > kernel).
+
+    A 1x1 stride-2 projection never reads three quarters of its input: no solve can recover
+    those entries from its gradient, so its error is also reported over the read ones.
+    """
+    from gitjax.generators.linalg import LinearOps
+
+    masks = {}
+    for lp in prior.generator.plan.layers:
+        if lp.op != "conv":
+            continue
+        kh, kw = lp.block.kernel_shape[:2]
+        one = LinearOps(lp, (1, *lp.in_shape[:-1], 1))
+        cov = one.fold(one.back(np.ones((1, *lp.out_shape[:-1], 1), np.float32), np.ones((kh, kw, 1, 1), np.float32)))
+        mask = np.broadcast_to(np.asarray(cov[0]) > 0, lp.in_shape)
+        if not mask.all():
+            masks[lp.name.replace("/", "_")] = mask
+    return masks
+
+
+def layer_errors(prior, grads_N, x_Nx1: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean over the N images of |estimate - truth| / |truth| of each dense/conv layer's input.
+
+    Returns (all entries, read entries only): the second only for convs that skip input entries.
+    """
     from gitjax.per_example import _forward
 
     vic = prior.victim
     _, diag = prior.generator.apply({"params": prior.gen_params}, grads_N, prior.victim_params,
                                     mutable=["diagnostics"])
     est = {k.removesuffix("_input"): v[0] for k, v in diag["diagnostics"]["core"].items()}
+    masks = _read_masks(prior)
+    rel = lambda e, t: float(np.linalg.norm(e - t) / max(np.linalg.norm(t), 1e-12))
     out: dict[str, list[float]] = {}
+    read: dict[str, list[float]] = {}
     for n in range(x_Nx1.shape[0]):
         _, inputs, _ = _forward(vic, prior.victim_params, prior.victim_state, x_Nx1[n], None, None)
         for key, truth in inputs.items():
@@ -49,8 +78,12 @@ def layer_errors(prior, grads_N, x_Nx1: np.ndarray) -> dict[str, float]:
             if name in est:
                 t = np.asarray(truth).reshape(-1)
                 e = np.asarray(est[name][n]).reshape(-1)
-                out.setdefault(name, []).append(float(np.linalg.norm(e - t) / max(np.linalg.norm(t), 1e-12)))
-    return {k: round(float(np.mean(v)), 4) for k, v in out.items()}
+                out.setdefault(name, []).append(rel(e, t))
+                if name in masks:
+                    m = masks[name].reshape(-1)
+                    read.setdefault(name, []).append(rel(e[m], t[m]))
+    mean = lambda d: {k: round(float(np.mean(v)), 4) for k, v in d.items()}
+    return mean(out), mean(read)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -85,7 +118,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "ssim": round(sc["ssim"], 3), "seconds": round(time.perf_counter() - t0, 1),
                "oracles": {o["method"]: round(o["psnr"], 2) for o in sc["oracles"]}}
         if args.layers:
-            row["layer_rel_error"] = layer_errors(att.prior, grads_N, x_Nx1)
+            row["layer_rel_error"], read = layer_errors(att.prior, grads_N, x_Nx1)
+            if read:  # strided convs that skip input entries: the error over the entries they read
+                row["layer_rel_error_read"] = read
             row["grad_rms"] = {"/".join(str(getattr(k, "key", k)) for k in path): float(np.sqrt(np.mean(
                 np.square(np.asarray(g))))) for path, g in jax.tree_util.tree_flatten_with_path(clean_N)[0]}
         print(json.dumps(row), flush=True)

@@ -68,6 +68,20 @@ def test_exact_cg_iters_layers_says_where_the_error_enters(exact_mlp_prior):
     assert all(v > 0 for v in clean["grad_rms"].values()) and set(clean["oracles"]) == ORACLES
 
 
+def test_exact_cg_iters_read_masks_cover_what_a_strided_conv_reads():
+    """A ResNet-8's 1x1 stride-2 projections read a quarter of their input; 3x3 convs read everything."""
+    from types import SimpleNamespace
+
+    from gitjax.trace import trace_victim
+    from gitjax.victims import make_victim
+
+    plan = trace_victim(make_victim("resnet8", input_shape=(16, 16, 3)))
+    masks = exact_cg_iters._read_masks(SimpleNamespace(generator=SimpleNamespace(plan=plan)))
+    assert set(masks) == {"stage1_block0_proj", "stage2_block0_proj"}
+    for mask in masks.values():
+        assert mask.mean() == 0.25 and mask[0::2, 0::2].all() and not mask[1::2].any()
+
+
 def test_robust_check_writes_one_column_per_condition_and_the_gain_row(exact_mlp_prior, tmp_path):
     from experiments import robust_check
 
