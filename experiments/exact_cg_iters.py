@@ -36,21 +36,18 @@ from gitjax.prior import load_prior
 
 
 def _read_masks(prior) -> dict[str, np.ndarray]:
-    """(*in_shape) 0/1 masks of the input entries a conv reads, for convs that skip some (stride > kernel).
+    """(*in_shape) boolean masks of the input entries a conv reads, for convs that skip some (stride > kernel).
 
     A 1x1 stride-2 projection never reads three quarters of its input: no solve can recover
     those entries from its gradient, so its error is also reported over the read ones.
     """
-    from gitjax.generators.linalg import LinearOps
+    from gitjax.generators.linalg import LinearOps, conv_patch_counts
 
     masks = {}
     for lp in prior.generator.plan.layers:
         if lp.op != "conv":
             continue
-        kh, kw = lp.block.kernel_shape[:2]
-        one = LinearOps(lp, (1, *lp.in_shape[:-1], 1))
-        cov = one.fold(one.back(np.ones((1, *lp.out_shape[:-1], 1), np.float32), np.ones((kh, kw, 1, 1), np.float32)))
-        mask = np.broadcast_to(np.asarray(cov[0]) > 0, lp.in_shape)
+        mask = np.broadcast_to(np.asarray(conv_patch_counts(LinearOps(lp, (1, *lp.in_shape)))) > 0, lp.in_shape)
         if not mask.all():
             masks[lp.name.replace("/", "_")] = mask
     return masks

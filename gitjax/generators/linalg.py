@@ -180,13 +180,19 @@ def ridge_invert(ops: LinearOps, dk_sum: Array, delta: Array, a0: Array, eps: Ar
     return a0 + (da / coverage if coverage is not None else da)
 
 
-def conv_coverage(ops: LinearOps) -> Array:
-    """(*in_shape[:-1], 1) for a conv: how many output positions' patches cover each input pixel."""
+def conv_patch_counts(ops: LinearOps) -> Array:
+    """(*in_shape[:-1], 1) for a conv: how many output positions' patches cover each input pixel
+    (0 where the conv never reads it, e.g. the odd positions of a 1x1 stride-2 projection)."""
     lp = ops.lp
     kh, kw = lp.block.kernel_shape[:2]
     one = LinearOps(lp, (1, *lp.in_shape[:-1], 1))
     patches = one.back(jnp.ones((1, *lp.out_shape[:-1], 1), jnp.float32), jnp.ones((kh, kw, 1, 1), jnp.float32))
-    return jnp.maximum(one.fold(patches)[0], 1.0)
+    return one.fold(patches)[0]
+
+
+def conv_coverage(ops: LinearOps) -> Array:
+    """``conv_patch_counts`` floored at 1: the divisor that averages overlapping patches."""
+    return jnp.maximum(conv_patch_counts(ops), 1.0)
 
 
 def cg_refine(ops: LinearOps, kernel: Array, bias: Array | None, dk_sum: Array, delta: Array, z: Array,
