@@ -53,15 +53,17 @@ def _read_masks(prior) -> dict[str, np.ndarray]:
     return masks
 
 
-def layer_errors(prior, grads_N, x_Nx1: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+def layer_errors(prior, grads_N, x_Nx1: np.ndarray, oracle: dict | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Mean over the N images of |estimate - truth| / |truth| of each dense/conv layer's input.
 
+    ``oracle``: the generator's optional ``oracle`` collection (``experiments.exact_oracle``).
     Returns (all entries, read entries only): the second only for convs that skip input entries.
     """
     from gitjax.per_example import _forward
 
     vic = prior.victim
-    _, diag = prior.generator.apply({"params": prior.gen_params}, grads_N, prior.victim_params,
+    extra = {"oracle": oracle} if oracle else {}
+    _, diag = prior.generator.apply({"params": prior.gen_params, **extra}, grads_N, prior.victim_params,
                                     mutable=["diagnostics"])
     est = {k.removesuffix("_input"): v[0] for k, v in diag["diagnostics"]["core"].items()}
     masks = _read_masks(prior)

@@ -93,6 +93,12 @@ class ExactGIT(nn.Module):
     Attributes:
       config: generator hyper-parameters (``kind == "exact"``).
       plan: the victim's plan (``gitjax.trace.trace_victim``).
+
+    Collections besides ``params`` (diagnostics, never used in training or attacks):
+    ``diagnostics`` (mutable) records each dense/conv layer's input estimate;
+    ``oracle`` (given) may hold ``core/{unit}_exit_mask`` (N, B, *unit out shape), the
+    true 0/1 mask of a residual unit's exit ReLU, applied to the error there
+    (``experiments.exact_oracle``: what Exact-GIT would gain by knowing it).
     """
 
     config: GeneratorConfig
@@ -107,7 +113,7 @@ class ExactGIT(nn.Module):
                                   "(pass them to apply, or build it with use_victim_params=False)")
             check_victim_params(self.plan.layout, victim_params)
         core = nn.vmap(_ExactCore, in_axes=(0, None), out_axes=0,
-                       variable_axes={"params": None, "diagnostics": 0}, split_rngs={"params": False})
+                       variable_axes={"params": None, "diagnostics": 0, "oracle": 0}, split_rngs={"params": False})
         return core(self.config, self.plan, name="core")(grads_N, victim_params)
 
 
@@ -144,7 +150,9 @@ class _ExactCore(nn.Module):
             npos = n_out // out_shape[-1]
             bshape = (b,) + (1,) * (len(out_shape) - 1) + (out_shape[-1],)
             tile = lambda x: jnp.broadcast_to(x.reshape(bshape), (b, *out_shape))
-            return tile(a), tile(e) / npos, tile(m)
+            # Only the mean is known: the tiled values are a start, not a forward target (m = 0),
+            # else CG pulls the layer below towards a constant map per channel.
+            return tile(a), tile(e) / npos, jnp.zeros((b, *out_shape), a.dtype)
         if post.startswith("select:"):  # one token read; the others get no error
             t = int(post.split(":")[1])
             c = out_shape[-1]
@@ -327,6 +335,9 @@ class _ExactCore(nn.Module):
                 continue
             name = _pname(unit)
             exit_state = self._connect(state, unit.post, unit.out_shape, f"{name}_exit")
+            if self.has_variable("oracle", f"{name}_exit_mask"):  # diagnostics only: the true output mask
+                a, e, m = exit_state
+                exit_state = (a, e * self.get_variable("oracle", f"{name}_exit_mask"), m)
             main = self._items(unit.main, exit_state, gb, vp, noise_var)
             if unit.side:
                 side = self._items(unit.side, _after(exit_state, main[0]), gb, vp, noise_var)

@@ -221,7 +221,9 @@ def cg_refine(ops: LinearOps, kernel: Array, bias: Array | None, dk_sum: Array, 
     zb = z - (bias if bias is not None else 0.0)
     w2 = jnp.broadcast_to(weight**2, zb.shape)
     nsr = jnp.zeros(()) if noise is None else noise
-    w_f = jnp.exp(log_w[0]) / (jnp.sum(w2 * zb**2) + TINY)
+    # No trusted entry (e.g. below a global pool): no forward term, and no 0/TINY in its gradient.
+    zz = jnp.sum(w2 * zb**2)
+    w_f = jnp.where(zz > 0, jnp.exp(log_w[0]) / jnp.where(zz > 0, zz, 1.0), 0.0)
     # Weights are inverse relative error variances: exp(-log_w[1]) is the model error of the
     # gradient equations, the noise adds nsr to it (Wiener weighting).
     w_g = jnp.exp(log_w[1]) / (jnp.sum(dk_sum**2) + TINY) / (1.0 + jnp.exp(log_w[1]) * nsr)
