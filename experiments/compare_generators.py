@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-cg-iters", type=int, default=None,
                    help="Exact-GIT's CG steps per underdetermined layer (default GeneratorConfig's 64; "
                         "LeNet presets use 256)")
+    p.add_argument("--exact-refine-depth", type=int, default=0,
+                   help="extra dilated conv layers in Exact-GIT's image refiner (GeneratorConfig.refine_depth)")
     p.add_argument("--prior", action="append", default=[], metavar="NAME=DIR",
                    help="score this trained prior instead of training (repeatable)")
     p.add_argument("--out", default="outputs/compare_generators")
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     for victim in args.victims:
         for kind in args.kinds:
             gen_kw = {"exact_cg_iters": args.exact_cg_iters} if kind == "exact" and args.exact_cg_iters else {}
+            if kind == "exact" and args.exact_refine_depth:
+                gen_kw["refine_depth"] = args.exact_refine_depth
             config = TrainConfig(victim=victim, dataset="patches", stream=stream_for("patches"),
                                  generator=prior_generator(kind, 1, **gen_kw),
                                  victim_batch=1, global_batch=args.global_batch, steps=args.steps,

@@ -345,3 +345,26 @@ def test_exact_git_records_each_layer_input_estimate_on_request():
     first = est[f"{dense[0]}_input"]
     assert first.shape == (2, 1, math.prod(victim.input_shape))
     np.testing.assert_allclose(first.reshape(x.shape), victim.normalize(x), atol=1e-3)
+
+
+def test_exact_git_refiner_depth_adds_dilated_layers_and_keeps_the_exact_path_at_init():
+    """``refine_depth`` adds dilated convs (receptive field 5 -> 13 px at depth 2); the refiner's output
+    conv is zero-initialised, so at init the image is the exact path's whatever the depth. With
+    non-zero weights the deeper refiner changes the image."""
+    victim, params, _ = victim_and_params("mlp")
+    grads, _ = leaked("mlp", 1)
+    outs, trees = [], []
+    for depth in (0, 2):
+        gen = build_generator(GeneratorConfig(kind="exact", batch_size=1, refine_depth=depth), victim, params)
+        gp = jax.jit(gen.init)(jax.random.PRNGKey(0), grads, params)["params"]
+        outs.append(np.asarray(jax.jit(gen.apply)({"params": gp}, grads, params)))
+        trees.append(gp)
+    core0, core2 = trees[0]["core"], trees[1]["core"]
+    assert set(core2) - set(core0) == {"refine_mid0", "refine_mid1"}
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+    bumped = jax.tree.map(lambda a: a, trees[1])
+    bumped["core"]["refine_out"] = jax.tree.map(lambda a: a + 0.05, bumped["core"]["refine_out"])
+    gen2 = build_generator(GeneratorConfig(kind="exact", batch_size=1, refine_depth=2), victim, params)
+    assert np.abs(np.asarray(jax.jit(gen2.apply)({"params": bumped}, grads, params)) - outs[1]).max() > 1e-3
+    with pytest.raises(ValueError, match="refine_depth"):
+        GeneratorConfig(kind="exact", refine_depth=-1)

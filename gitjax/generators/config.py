@@ -37,6 +37,10 @@ class GeneratorConfig:
         initial relative ridge of the underdetermined ones is max(exact_ridge, 1e-4)).
       refine_channels: channels of the zero-initialised residual image refiner
         that ends Exact-GIT (0: none).
+      refine_depth: extra 3x3 conv layers in that refiner, dilated 2, 4, 8, ... (0: two
+        convs, a 5 px receptive field). Where the exact path recovers only part of the
+        image (ResNet-8: only the last stage is determined by its gradients), a refiner
+        that sees the whole image (3 layers: 33 px) can correct colour and layout.
       coarse_rank: R of Coarse-GIT's factorised sketches ``U^T G V``.
       probe_max: probe vectors and per-channel gradients up to this length enter
         Coarse-GIT raw; longer ones are sketched.
@@ -63,6 +67,7 @@ class GeneratorConfig:
     exact_noise_aware: bool = True
     exact_ridge: float = 1e-6
     refine_channels: int = 16
+    refine_depth: int = 0
     coarse_rank: int = 16
     probe_max: int = 1024
     decoder_channels: int = 64
@@ -80,6 +85,8 @@ class GeneratorConfig:
                              f"{', '.join(COARSE_DECODERS)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.refine_depth < 0:
+            raise ValueError("refine_depth must be >= 0")
         if self.exact_cg_iters < 0 or self.exact_cg_grad_iters < 0:
             raise ValueError("exact_cg_iters and exact_cg_grad_iters must be >= 0")
         if min(self.width, self.depth, self.coarse_rank, self.lti_hidden, self.lti_compress_dim) < 1:

@@ -355,5 +355,9 @@ class _ExactCore(nn.Module):
             x = self._resample(state, hwc, "image")[0] * jnp.asarray(plan.std) + jnp.asarray(plan.mean)
         if self.config.refine_channels > 0:
             h = nn.gelu(nn.Conv(self.config.refine_channels, (3, 3), name="refine_in")(x))
+            for i in range(self.config.refine_depth):  # dilated: the receptive field doubles per layer
+                d = 2 ** (i + 1)
+                h = h + nn.gelu(nn.Conv(self.config.refine_channels, (3, 3), kernel_dilation=d,
+                                        name=f"refine_mid{i}")(h))
             x = x + nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, name="refine_out")(h)
         return ste_clip01(x)
