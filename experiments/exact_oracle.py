@@ -81,7 +81,7 @@ def identifiability(vic, params, state, x_1xHxWxC: np.ndarray, y_1: np.ndarray, 
     rows = []
     for key, d in deltas.items():
         name = key.split("#")[0]
-        kshape = next((s for p, s in kernels.items() if p.endswith(name)), None)
+        kshape = kernels.get(name)  # params paths are the module paths (no 'params' prefix)
         if kshape is None:
             continue
         d_PxC = np.asarray(d).reshape(-1, d.shape[-1])
