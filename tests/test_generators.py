@@ -348,7 +348,7 @@ def test_exact_git_records_each_layer_input_estimate_on_request():
 
 
 def test_exact_git_refiner_depth_adds_dilated_layers_and_keeps_the_exact_path_at_init():
-    """``refine_depth`` adds dilated convs (receptive field 5 -> 13 px at depth 2); the refiner's output
+    """``refine_depth`` adds dilated convs (receptive field 5 -> 17 px at depth 2); the refiner's output
     conv is zero-initialised, so at init the image is the exact path's whatever the depth. With
     non-zero weights the deeper refiner changes the image."""
     victim, params, _ = victim_and_params("mlp")
