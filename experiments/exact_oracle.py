@@ -12,10 +12,12 @@ gradients of the ``patches`` split (images drawn with ``--seed``):
   of every residual unit handed to the generator (its ``oracle`` collection): the gain
   an attacker would have from a perfect mask estimate.
 * **Identifiability of each conv/dense layer** from its gradient with the *true* output
-  error: unknowns (input entries), the gradient equations' count (patch size x rank of
-  delta, positions x channels) and that rank. ``equations < unknowns`` means the layer's
-  input cannot come from its gradient alone and rests on the forward equations of the
-  estimate above it.
+  error: unknowns (input entries), an upper bound on the rank of the gradient equations
+  (patch size x rank of delta, positions x channels: the count in patch space; overlapping
+  patches and all-zero error rows can lower the rank in input space) and rank(delta).
+  ``equations_bound < unknowns`` means the layer's input cannot come from its gradient
+  alone and rests on the forward equations of the estimate above it; a larger bound does
+  not prove the converse.
 
     python -m experiments.exact_oracle --checkpoint runs/compare_resnet8/resnet8-exact \\
         [--iters 8] [--num-images 8] [--split train] [--seed 0]
@@ -65,7 +67,8 @@ def exit_masks(plan, vic, params, state, x_NxBxHxWxC: np.ndarray) -> dict[str, n
 
 
 def identifiability(vic, params, state, x_1xHxWxC: np.ndarray, y_1: np.ndarray, rcond: float = 1e-6) -> list[dict]:
-    """Per conv/dense layer, with the true output error of one image: unknowns, gradient equations, rank."""
+    """Per conv/dense layer, with the true output error of one image: unknowns, the bound on the gradient
+    equations' rank (fan-in x rank(delta)), rank(delta) (float64 SVD)."""
     from gitjax.per_example import _forward
 
     x = jnp.asarray(x_1xHxWxC)
@@ -85,10 +88,10 @@ def identifiability(vic, params, state, x_1xHxWxC: np.ndarray, y_1: np.ndarray, 
         if kshape is None:
             continue
         d_PxC = np.asarray(d).reshape(-1, d.shape[-1])
-        s = np.linalg.svd(d_PxC, compute_uv=False)
+        s = np.linalg.svd(d_PxC.astype(np.float64), compute_uv=False)
         rank = int((s > rcond * s[0]).sum()) if s[0] > 0 else 0
         fan_in = math.prod(kshape[:-1])
-        rows.append({"layer": name, "unknowns": int(np.prod(ins[key].shape[1:])), "equations": fan_in * rank,
+        rows.append({"layer": name, "unknowns": int(np.prod(ins[key].shape[1:])), "equations_bound": fan_in * rank,
                      "delta_rank": rank, "delta_shape": list(d_PxC.shape)})
     return rows
 
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(json.dumps(row), flush=True)
             rows.append(row)
     ident = [identifiability(vic, prior.victim_params, prior.victim_state, x_Nx1[n], y_Nx1[n]) for n in range(min(args.num_images, 4))]
-    table = [{**r, "delta_rank": [im[i]["delta_rank"] for im in ident], "equations": [im[i]["equations"] for im in ident]}
+    table = [{**r, "delta_rank": [im[i]["delta_rank"] for im in ident], "equations_bound": [im[i]["equations_bound"] for im in ident]}
              for i, r in enumerate(ident[0])]
     print(json.dumps({"identifiability": table}), flush=True)
     rows.append({"identifiability": table})

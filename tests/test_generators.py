@@ -366,5 +366,8 @@ def test_exact_git_refiner_depth_adds_dilated_layers_and_keeps_the_exact_path_at
     bumped["core"]["refine_out"] = jax.tree.map(lambda a: a + 0.05, bumped["core"]["refine_out"])
     gen2 = build_generator(GeneratorConfig(kind="exact", batch_size=1, refine_depth=2), victim, params)
     assert np.abs(np.asarray(jax.jit(gen2.apply)({"params": bumped}, grads, params)) - outs[1]).max() > 1e-3
+    # the dilated layers are on the path: the image depends on them once the output conv is non-zero
+    g_mid = jax.jit(jax.grad(lambda p: jnp.sum(gen2.apply({"params": p}, grads, params) ** 2)))(bumped)
+    assert float(jnp.abs(g_mid["core"]["refine_mid1"]["kernel"]).max()) > 0.0
     with pytest.raises(ValueError, match="refine_depth"):
         GeneratorConfig(kind="exact", refine_depth=-1)

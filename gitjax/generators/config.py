@@ -39,8 +39,8 @@ class GeneratorConfig:
         that ends Exact-GIT (0: none).
       refine_depth: extra 3x3 conv layers in that refiner, dilated 2, 4, 8, ... (0: two
         convs, a 5 px receptive field). Where the exact path recovers only part of the
-        image (ResNet-8: only the last stage is determined by its gradients), a refiner
-        that sees the whole image (3 layers: 33 px) can correct colour and layout.
+        image (ResNet-8: most layers get fewer gradient equations than unknowns), a wider
+        field (3 layers: 33 px, the whole 32 x 32 image from its centre) corrects colour.
       coarse_rank: R of Coarse-GIT's factorised sketches ``U^T G V``.
       probe_max: probe vectors and per-channel gradients up to this length enter
         Coarse-GIT raw; longer ones are sketched.
