@@ -85,6 +85,18 @@ def layer_errors(prior, grads_N, x_Nx1: np.ndarray, oracle: dict | None = None) 
     return mean(out), mean(read)
 
 
+def exact_prior_and_images(checkpoint: str, split: str, num_images: int, seed: int):
+    """The Exact-GIT prior at ``checkpoint`` and N batch-1 images of the ``patches`` split drawn with ``seed``
+    (as compare_generators draws them): (prior, x (N, 1, H, W, C), y (N, 1))."""
+    prior = load_prior(checkpoint)
+    if prior.config is None or prior.config.generator.kind != "exact":
+        raise SystemExit("--checkpoint must hold an Exact-GIT prior")
+    vic = prior.victim
+    ds = load_dataset("patches", split, image_size=vic.input_shape[0], channels=vic.input_shape[2])
+    idx = np.random.default_rng(seed).choice(len(ds), num_images, replace=False)
+    return prior, ds.images[idx][:, None], np.asarray(ds.labels[idx], np.int32)[:, None]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="an Exact-GIT prior (run dir)")
@@ -95,13 +107,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise on the leaked gradients")
     ap.add_argument("--layers", action="store_true", help="also the per-layer relative error of the inversion")
     args = ap.parse_args(argv)
-    prior = load_prior(args.checkpoint)
-    if prior.config is None or prior.config.generator.kind != "exact":
-        raise SystemExit("--checkpoint must hold an Exact-GIT prior")
+    prior, x_Nx1, y_Nx1 = exact_prior_and_images(args.checkpoint, args.split, args.num_images, args.seed)
     vic = prior.victim
-    ds = load_dataset("patches", args.split, image_size=vic.input_shape[0], channels=vic.input_shape[2])
-    idx = np.random.default_rng(args.seed).choice(len(ds), args.num_images, replace=False)
-    x_Nx1, y_Nx1 = ds.images[idx][:, None], np.asarray(ds.labels[idx], np.int32)[:, None]
     # The same leaked gradients for every K: the CG steps change the generator, not the victim.
     noise = {"defense": "gaussian", "defense_args": {"std": args.noise_std}} if args.noise_std > 0 else {}
     base = attacker_from_prior(prior)

@@ -38,10 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.exact_cg_iters import layer_errors
-from gitjax.data import load_dataset
+from experiments.exact_cg_iters import exact_prior_and_images, layer_errors
+from gitjax.metrics import psnr
 from gitjax.pipeline import attacker_from_prior, leak
-from gitjax.prior import load_prior
 
 
 def exit_masks(plan, vic, params, state, x_NxBxHxWxC: np.ndarray) -> dict[str, np.ndarray]:
@@ -104,13 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--num-images", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    prior = load_prior(args.checkpoint)
-    if prior.config is None or prior.config.generator.kind != "exact":
-        raise SystemExit("--checkpoint must hold an Exact-GIT prior")
+    prior, x_Nx1, y_Nx1 = exact_prior_and_images(args.checkpoint, args.split, args.num_images, args.seed)
     vic = prior.victim
-    ds = load_dataset("patches", args.split, image_size=vic.input_shape[0], channels=vic.input_shape[2])
-    idx = np.random.default_rng(args.seed).choice(len(ds), args.num_images, replace=False)
-    x_Nx1, y_Nx1 = ds.images[idx][:, None], np.asarray(ds.labels[idx], np.int32)[:, None]
     base = attacker_from_prior(prior)
     grads_N = leak(vic, base.params, base.state, x_Nx1, y_Nx1, jax.random.key(args.seed))
     masks = exit_masks(prior.generator.plan, vic, prior.victim_params, prior.victim_state, x_Nx1)
@@ -121,10 +115,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             extra = {"oracle": oracle} if oracle else {}
             rec = np.asarray(jax.jit(lambda g: p.generator.apply({"params": p.gen_params, **extra}, g,
                                                                   p.victim_params))(grads_N))
-            mse = np.mean((rec - x_Nx1) ** 2, axis=(1, 2, 3, 4))
+            psnr_N = np.asarray(psnr(rec.reshape(-1, *rec.shape[2:]), x_Nx1.reshape(-1, *x_Nx1.shape[2:])))
+            if not np.all(np.isfinite(rec)):
+                raise SystemExit(f"non-finite reconstruction at {k} CG steps ({variant})")
             err, _ = layer_errors(p, grads_N, x_Nx1, oracle)
             row = {"cg_iters": k, "variant": variant, "n": args.num_images, "split": args.split,
-                   "psnr": round(float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10)))), 2), "layer_rel_error": err}
+                   "psnr": round(float(np.mean(psnr_N)), 2), "layer_rel_error": err}
             print(json.dumps(row), flush=True)
             rows.append(row)
     ident = [identifiability(vic, prior.victim_params, prior.victim_state, x_Nx1[n], y_Nx1[n]) for n in range(min(args.num_images, 4))]
