@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,23 +45,19 @@ from gitjax.pipeline import attacker_from_prior, leak
 def exit_masks(plan, vic, params, state, x_NxBxHxWxC: np.ndarray) -> dict[str, np.ndarray]:
     """``{unit}_exit_mask`` (N, B, *out) for every residual unit whose output is a ReLU's (>= 0 everywhere).
 
-    The unit's output is positive exactly where its exit ReLU passes the error.
+    The unit's output is positive exactly where its exit ReLU passes the error. One eval-mode
+    forward of all N x B images (per-image in eval mode, so batching them changes nothing).
     """
-    names = {u.name: u for u in plan.units if u.composite}
-    outs: dict[str, list] = {n: [] for n in names}
+    from gitjax.trace import record_calls
 
-    def grab(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        name = "/".join(context.module.path)
-        if context.method_name == "__call__" and name in names:
-            outs[name].append(np.asarray(out))
-        return out
-
-    for n in range(x_NxBxHxWxC.shape[0]):
-        with nn.intercept_methods(grab):
-            vic.apply(params, state, jnp.asarray(x_NxBxHxWxC[n]), train=False)
-    return {f"{k.replace('/', '_')}_exit_mask": (np.stack(v) > 0).astype(np.float32)
-            for k, v in outs.items() if v and min(float(a.min()) for a in v) >= 0.0}
+    names = {u.name for u in plan.units if u.composite}
+    n, b = x_NxBxHxWxC.shape[:2]
+    x = jnp.asarray(x_NxBxHxWxC).reshape(n * b, *x_NxBxHxWxC.shape[2:])
+    _, calls = record_calls(lambda: vic.apply(params, state, x, train=False),
+                            select=lambda m: "/".join(m.path) in names)
+    outs = {"/".join(c.path): np.asarray(c.out) for c in calls}
+    return {f"{k.replace('/', '_')}_exit_mask": (v > 0).astype(np.float32).reshape(n, b, *v.shape[1:])
+            for k, v in outs.items() if v.min() >= 0.0}
 
 
 def identifiability(vic, params, state, x_1xHxWxC: np.ndarray, y_1: np.ndarray, rcond: float = 1e-6) -> list[dict]:
