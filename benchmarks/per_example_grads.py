@@ -13,8 +13,9 @@ batch-mean gradient of the same B images. Measured per victim:
 
 All sides are jitted; compilation and one warm-up call are excluded; each timing
 ends with ``block_until_ready``; the median over ``--repeats`` is reported, with
-the repeats of the four sides interleaved so that load on a shared machine hits
-them alike.
+the repeats of the batch, per-example and vmap sides interleaved so that load
+on a shared machine hits them alike; the loop is timed after them (its many small
+outputs slow the allocator for the next large-output call).
 
     python benchmarks/per_example_grads.py [--batch 64] [--repeats 3] [--models lenet,resnet8,resnet18]
         [--method auto|vmap|patches]
@@ -76,9 +77,13 @@ def bench_model(name: str, batch: int, repeats: int, method: str = "auto", loop:
         "per_example": lambda: per_ex(params, state, x_BxHxWxC, y_B),
         "vmap": lambda: vmapped(params, state, x_BxHxWxC, y_B),
     }
-    if loop:
-        fns["loop"] = lambda: [batch_fn(params, state, x, y) for x, y in examples]
     t = interleaved_medians(fns, repeats)
+    if loop:
+        # Timed after the others, not interleaved: the loop's B small output trees leave
+        # glibc's allocator in a state where the next call that returns large buffers runs
+        # slower (ResNet-18, B = 64: per-example 2.2 s alone, 3.4 s right after the loop).
+        t.update(interleaved_medians({"loop": lambda: [batch_fn(params, state, x, y) for x, y in examples]},
+                                     repeats))
     row = {
         "name": name, "device": device_name(), "batch": batch, "method": method,
         "batch_s": round(t["batch"], 4), "per_example_s": round(t["per_example"], 4), "vmap_s": round(t["vmap"], 4),

@@ -122,11 +122,22 @@ def _forward(victim: Victim, params: Params, state: ModelState, x_BxHxWxC: Array
     return logits, inputs, outputs
 
 
+def _contract(a_NxRxI: Array, b_NxRxO: Array) -> Array:
+    """sum_r a[n, r, i] * b[n, r, o] -> (N, I, O), written in that layout.
+
+    An explicit ``dot_general`` with the input as left operand: ``jnp.einsum`` here
+    let XLA:CPU compute the (N, O, I) product and transpose it, a full extra pass
+    over per-example gradients that can be larger than the model (ResNet-18, B = 64:
+    2.9 GB, 4.7 s vs 2.4 s).
+    """
+    return jax.lax.dot_general(a_NxRxI, b_NxRxO, (((1,), (1,)), ((0,), (0,))))
+
+
 def _dense_grads(x_NxBxTxI: Array, e_NxBxTxO: Array, n: int) -> dict:
     i, o = x_NxBxTxI.shape[-1], e_NxBxTxO.shape[-1]
     x_NxRxI = x_NxBxTxI.reshape(n, -1, i)
     e_NxRxO = e_NxBxTxO.reshape(n, -1, o)
-    return {"kernel": jnp.einsum("nri,nro->nio", x_NxRxI, e_NxRxO), "bias": e_NxRxO.sum(1)}
+    return {"kernel": _contract(x_NxRxI, e_NxRxO), "bias": e_NxRxO.sum(1)}
 
 
 def _shifted(module: nn.Conv, x_BxHxWxC: Array, out_spatial: tuple[int, ...]) -> list[Array]:
@@ -155,17 +166,38 @@ def _shifted(module: nn.Conv, x_BxHxWxC: Array, out_spatial: tuple[int, ...]) ->
     return slices
 
 
+# A conv's kernel gradient is contracted from one stacked patches tensor when that
+# tensor is small (at most STACK_MAX_PATCH entries per group) or its positions per
+# group are at most STACK_RATIO x the output channels per feature group (then the
+# kernel gradient is at least as large as the patches); otherwise one contraction
+# per kernel offset, which never holds K copies of a large input.
+STACK_RATIO = 4
+STACK_MAX_PATCH = 65536
+
+
 def _conv_grads(module: nn.Conv, x_BxHxWxC: Array, e_BxHoxWoxO: Array, n: int) -> dict:
     nsp = len(module.kernel_size)
     g = module.feature_group_count
     c_in, c_out = x_BxHxWxC.shape[-1], e_BxHoxWoxO.shape[-1]
     e_NxRxGxO = e_BxHoxWoxO.reshape(n, -1, g, c_out // g)
+    shifted = [x_s.reshape(n, -1, g, c_in // g)
+               for x_s in _shifted(module, x_BxHxWxC, e_BxHoxWoxO.shape[1 : 1 + nsp])]
     # kernel[offset] = sum over positions of (input at offset) x error, per group of the
     # feature groups (whose output channels are contiguous): offsets in row-major order
     # and (C_in / groups, groups x C_out / groups) match the flax kernel layout.
-    w_NxKxCxGxO = jnp.stack([
-        jnp.einsum("nrgc,nrgo->ncgo", x_s.reshape(n, -1, g, c_in // g), e_NxRxGxO)
-        for x_s in _shifted(module, x_BxHxWxC, e_BxHoxWoxO.shape[1 : 1 + nsp])], axis=1)
+    def contract(a_NxRxGxC):
+        if g == 1:
+            return _contract(a_NxRxGxC[:, :, 0], e_NxRxGxO[:, :, 0])[:, :, None]
+        return jnp.einsum("nrgc,nrgo->ncgo", a_NxRxGxC, e_NxRxGxO)
+
+    # Measured at B = 64 on CPU: stacking ResNet-18's late stages (few positions, many
+    # channels) took it from 1.43x to 1.16x the batch gradient, LeNet's small 5x5
+    # layers (25 offsets) from 1.80x to 1.48x.
+    r = e_NxRxGxO.shape[1]
+    if r <= STACK_RATIO * (c_out // g) or r * len(shifted) * (c_in // g) <= STACK_MAX_PATCH:
+        w_NxKxCxGxO = contract(jnp.concatenate(shifted, axis=-1))
+    else:
+        w_NxKxCxGxO = jnp.stack([contract(x_s) for x_s in shifted], axis=1)
     kernel = w_NxKxCxGxO.reshape(n, *module.kernel_size, c_in // g, c_out)
     return {"kernel": kernel, "bias": e_NxRxGxO.reshape(n, -1, c_out).sum(1)}
 

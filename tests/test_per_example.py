@@ -82,6 +82,19 @@ def test_group_grads_equal_vmap_grad_under_jit(name, n, b):
     _assert_close(got, _reference(victim, params, state, x, y))
 
 
+@pytest.mark.parametrize("ratio", [0, 10**6])
+def test_both_conv_contractions_equal_vmap_grad(monkeypatch, ratio):
+    """Every conv option through each contraction: one per kernel offset (ratio 0), one stacked patches tensor (huge)."""
+    import gitjax.per_example as pe
+
+    monkeypatch.setattr(pe, "STACK_RATIO", ratio)
+    monkeypatch.setattr(pe, "STACK_MAX_PATCH", ratio)
+    victim, params, state = _setup("convzoo")
+    x, y = _data(victim, 2, 2)
+    got = jax.jit(lambda p, s, x, y: group_grads(victim, p, s, x, y))(params, state, x, y)
+    _assert_close(got, _reference(victim, params, state, x, y))
+
+
 def test_single_example_and_soft_labels():
     victim, params, state = _setup("lenet")
     x, y = _data(victim, 1, 1, seed=5)
