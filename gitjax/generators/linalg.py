@@ -101,25 +101,32 @@ class LinearOps:
         zero = jnp.zeros(self.in_shape, p.dtype)
         return jax.linear_transpose(self.unfold, zero)(p)[0]
 
+    # Each map is one matmul over flattened (positions, features) views, written as an
+    # explicit dot_general: as einsums, XLA:CPU transposed the patches and the results around
+    # the dots inside every CG iteration (extra passes over the K-times-larger patch tensors).
     @property
-    def _spec(self) -> tuple[str, str]:
-        return ("...i", "io") if self.lp.op == "dense" else ("...hwijc", "ijco")
+    def _nf(self) -> int:
+        """Trailing feature axes of an unfolded input: (kh, kw, C) for a conv, (I,) for a dense layer."""
+        return 1 if self.lp.op == "dense" else 3
 
     def forward(self, p: Array, k: Array) -> Array:
-        if self.lp.op == "dense":
-            return jnp.einsum("...i,io->...o", p, k)
-        return jnp.einsum("...hwijc,ijco->...hwo", p, k)
+        """``P . K``: unfolded input (..., *F) x kernel (*F, O) -> (..., O)."""
+        lead = p.shape[: p.ndim - self._nf]
+        out = jnp.dot(p.reshape(-1, math.prod(k.shape[:-1])), k.reshape(-1, k.shape[-1]))
+        return out.reshape(*lead, k.shape[-1])
 
     def weight_grad(self, p: Array, delta: Array) -> Array:
-        pa, kk = self._spec
-        d = "...o" if self.lp.op == "dense" else "...hwo"
-        return jnp.einsum(f"{pa},{d}->{kk}", p, delta)
+        """``P^T . delta`` summed over batch and positions: kernel-shaped (*F, O)."""
+        f_shape = p.shape[p.ndim - self._nf:]
+        o = delta.shape[-1]
+        out = jax.lax.dot_general(p.reshape(-1, math.prod(f_shape)), delta.reshape(-1, o), (((0,), (0,)), ((), ())))
+        return out.reshape(*f_shape, o)
 
     def back(self, r: Array, k: Array) -> Array:
         """``r . K^T`` in unfolded input space (fold it to get the input-space adjoint)."""
-        pa, kk = self._spec
-        d = "...o" if self.lp.op == "dense" else "...hwo"
-        return jnp.einsum(f"{d},{kk}->{pa}", r, k)
+        f = math.prod(k.shape[:-1])
+        out = jax.lax.dot_general(r.reshape(-1, k.shape[-1]), k.reshape(f, -1), (((1,), (1,)), ((), ())))
+        return out.reshape(*r.shape[:-1], *k.shape[:-1])
 
     # The victim's kernel is shared by all N gradients (it is not vmapped), so the forward map
     # and its adjoint run as plain convolutions: XLA:CPU's conv kernels, no explicit patches and
