@@ -15,8 +15,9 @@ with its output error, so here:
   2. one backward pass differentiates the summed group losses w.r.t. the taps,
      which gives every leaf module's per-example output error;
   3. each leaf module's per-group parameter gradient is then contracted locally:
-     Dense: einsum(input, error); Conv: for each kernel offset, einsum(the
-     input pixels that offset meets, error); biases: errors summed over positions; any other leaf
+     Dense: input^T error; Conv: the same with the input pixels each kernel offset
+     meets (one stacked patches tensor or one contraction per offset, see
+     ``STACK_RATIO``); biases: errors summed over positions; any other leaf
      module (LayerNorm, GroupNorm, eval-mode BatchNorm): ``vmap`` of that module's
      own VJP, which is elementwise and cheap.
 
