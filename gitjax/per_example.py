@@ -146,9 +146,8 @@ def _shifted(module: nn.Conv, x_BxHxWxC: Array, out_spatial: tuple[int, ...]) ->
 
     Strided slices of the padded input, pure data movement. Why not
     ``lax.conv_general_dilated_patches``: it builds the patches as a depthwise
-    convolution, several times slower on XLA:CPU; and contracting each offset on its
-    own (below) beats contracting one stacked patches tensor (1.24x vs 1.59x the
-    batch gradient for LeNet, 1.05x vs 1.40x for ResNet-8, B = 64, CPU).
+    convolution, several times slower on XLA:CPU. Whether the slices are stacked into
+    one patches tensor or contracted one by one is decided per layer in ``_conv_grads``.
     """
     nsp = len(module.kernel_size)
     ks, st = tuple(module.kernel_size), _tuple(module.strides, nsp)
